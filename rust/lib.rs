@@ -1,0 +1,15 @@
+//! quantsave's Rust core: the safetensors container (write, read, validate), shard planning and
+//! the shard index. A plain library with no Python in it; the PyO3 binding lives in `python`
+//! behind the `python` cargo feature.
+
+pub mod dtype;
+pub mod error;
+pub mod index;
+pub mod plan;
+pub mod safetensors;
+
+#[cfg(feature = "python")]
+mod python;
+
+pub use dtype::Dtype;
+pub use error::{Error, Result};

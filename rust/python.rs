@@ -1,0 +1,270 @@
+//! The PyO3 binding `quantsave._core`: a thin layer over the core. Each call validates its
+//! arguments while holding the GIL (tensor bytes are taken as `PyBuffer<u8>` views, never
+//! copied), releases the GIL for the work, and maps core errors to Python exceptions.
+
+use std::collections::BTreeMap;
+use std::os::raw::c_int;
+use std::path::PathBuf;
+
+use pyo3::buffer::PyBuffer;
+use pyo3::create_exception;
+use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyPermissionError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+use crate::dtype::Dtype;
+use crate::error::Error;
+use crate::index::render_index;
+use crate::plan::{self, PlanEntry};
+use crate::safetensors::{self as st, ShardSpec, TensorView, WriteOptions, WriteStrategy};
+
+create_exception!(
+    _core,
+    CheckpointError,
+    PyValueError,
+    "A checkpoint file or folder is corrupt, truncated or inconsistent."
+);
+
+/// Maps a core error to the matching Python exception.
+fn to_py(err: Error) -> PyErr {
+    match &err {
+        Error::Io { path, source, .. } => {
+            let msg = err.to_string();
+            let errno = source.raw_os_error();
+            let args = (errno.unwrap_or(0), msg, path.to_string_lossy().into_owned());
+            match source.kind() {
+                std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(args),
+                std::io::ErrorKind::PermissionDenied => PyPermissionError::new_err(args),
+                _ => PyOSError::new_err(args),
+            }
+        }
+        Error::Corrupt { .. } => CheckpointError::new_err(err.to_string()),
+        Error::InvalidInput(_) => PyValueError::new_err(err.to_string()),
+    }
+}
+
+/// Runs `f` without the GIL and maps its error; every long call goes through here.
+fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<T> + Send) -> PyResult<T> {
+    let out = py.detach(f).map_err(to_py);
+    py.check_signals()?;
+    out
+}
+
+fn parse_dtype(s: &str) -> PyResult<Dtype> {
+    s.parse().map_err(|e: String| PyValueError::new_err(e))
+}
+
+/// One tensor as handed over by Python: name, dtype name, shape, a uint8 buffer of its bytes.
+type PyTensor = (String, String, Vec<u64>, PyBuffer<u8>);
+
+/// Writes shards in parallel. `shards` is a list of `(path, tensors, metadata)`; returns the
+/// size of every file written.
+#[pyfunction]
+#[pyo3(signature = (shards, *, fsync=false, strategy="pwrite", chunk_size=16777216))]
+fn write_shards(
+    py: Python<'_>,
+    shards: Vec<(PathBuf, Vec<PyTensor>, Option<BTreeMap<String, String>>)>,
+    fsync: bool,
+    strategy: &str,
+    chunk_size: usize,
+) -> PyResult<Vec<u64>> {
+    let strategy = match strategy {
+        "pwrite" => WriteStrategy::Pwrite,
+        "mmap" => WriteStrategy::Mmap,
+        other => return Err(PyValueError::new_err(format!("unknown write strategy {other:?}; use 'pwrite' or 'mmap'"))),
+    };
+    let mut specs = Vec::with_capacity(shards.len());
+    for (path, tensors, metadata) in &shards {
+        let mut views = Vec::with_capacity(tensors.len());
+        for (name, dtype, shape, buf) in tensors {
+            if !buf.is_c_contiguous() {
+                return Err(PyValueError::new_err(format!("tensor {name:?}: buffer is not contiguous")));
+            }
+            // SAFETY: `buf` is a contiguous buffer of `len_bytes()` bytes that its exporter keeps
+            // alive and in place until the PyBuffer is released, and the PyBuffer (owned by
+            // `shards`) outlives every use of this slice. The contract, as for any buffer
+            // consumer, is that no other thread mutates the tensor while it is being saved.
+            let data = unsafe { std::slice::from_raw_parts(buf.buf_ptr() as *const u8, buf.len_bytes()) };
+            views.push(TensorView {
+                name: name.clone(),
+                dtype: parse_dtype(dtype)?,
+                shape: shape.clone(),
+                data,
+            });
+        }
+        specs.push(ShardSpec {
+            path: path.clone(),
+            tensors: views,
+            metadata: metadata.clone(),
+        });
+    }
+    let opts = WriteOptions {
+        fsync,
+        strategy,
+        chunk_size,
+    };
+    detached(py, || st::write_shards(&specs, &opts))
+}
+
+/// Writes `data` atomically (temporary sibling + rename).
+#[pyfunction]
+#[pyo3(signature = (path, data, *, fsync=false))]
+fn write_bytes_atomic(py: Python<'_>, path: PathBuf, data: Vec<u8>, fsync: bool) -> PyResult<()> {
+    detached(py, || st::write_bytes_atomic(&path, &data, fsync))
+}
+
+/// Plans shards: `sizes[i]` and `groups[i]` (None or a group id) per tensor in state-dict order.
+/// Returns `(shards as lists of indices, total_size)`.
+#[pyfunction]
+fn plan_shards(sizes: Vec<u64>, groups: Vec<Option<u64>>, max_shard_size: u64) -> PyResult<(Vec<Vec<usize>>, u64)> {
+    if sizes.len() != groups.len() {
+        return Err(PyValueError::new_err("sizes and groups must have the same length"));
+    }
+    let entries: Vec<PlanEntry> = sizes
+        .into_iter()
+        .zip(groups)
+        .map(|(size, group)| PlanEntry { size, group })
+        .collect();
+    let p = plan::plan_shards(&entries, max_shard_size);
+    Ok((p.shards, p.total_size))
+}
+
+#[pyfunction]
+#[pyo3(signature = (weights_name, variant, count))]
+fn shard_file_names(weights_name: &str, variant: Option<&str>, count: usize) -> Vec<String> {
+    plan::shard_file_names(weights_name, variant, count)
+}
+
+#[pyfunction]
+#[pyo3(signature = (weights_name, variant))]
+fn index_file_name(weights_name: &str, variant: Option<&str>) -> String {
+    plan::index_file_name(weights_name, variant)
+}
+
+#[pyfunction]
+fn parse_size(text: &str) -> PyResult<u64> {
+    plan::parse_size(text).map_err(to_py)
+}
+
+#[pyfunction]
+#[pyo3(signature = (add_variant_name, variant))]
+fn add_variant(add_variant_name: &str, variant: Option<&str>) -> String {
+    plan::add_variant(add_variant_name, variant)
+}
+
+/// Renders an index file from `metadata` (a JSON object string) and a weight map.
+#[pyfunction]
+fn render_index_json(metadata_json: &str, weight_map: BTreeMap<String, String>) -> PyResult<String> {
+    let meta: BTreeMap<String, serde_json::Value> =
+        serde_json::from_str(metadata_json).map_err(|e| PyValueError::new_err(format!("metadata: {e}")))?;
+    Ok(render_index(&meta, &weight_map))
+}
+
+fn header_to_py<'py>(py: Python<'py>, h: &st::Header) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("metadata", h.metadata.clone())?;
+    let list = PyList::empty(py);
+    for t in &h.tensors {
+        list.append((t.name.as_str(), t.dtype.name(), t.shape.clone(), t.start, t.end))?;
+    }
+    d.set_item("tensors", list)?;
+    d.set_item("data_start", h.data_start)?;
+    d.set_item("file_size", h.file_size)?;
+    Ok(d)
+}
+
+/// Reads and validates the header of a safetensors file.
+#[pyfunction]
+fn read_header<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+    let h = detached(py, || st::read_header(&path))?;
+    header_to_py(py, &h)
+}
+
+/// A validated safetensors file mapped into memory (private, copy-on-write). Exposes the whole
+/// file through the buffer protocol so tensors can view it without copies.
+#[pyclass(module = "quantsave._core", frozen)]
+struct MappedFile {
+    header: st::Header,
+    path: PathBuf,
+    ptr: usize,
+    len: usize,
+    // Owns the mapping that `ptr`/`len` describe; never touched again after construction.
+    _map: memmap2::MmapMut,
+}
+
+#[pymethods]
+impl MappedFile {
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let mut mf = detached(py, || st::map_file(&path))?;
+        let ptr = mf.map.as_mut_ptr() as usize;
+        let len = mf.map.len();
+        Ok(MappedFile {
+            header: mf.header,
+            path: mf.path,
+            ptr,
+            len,
+            _map: mf.map,
+        })
+    }
+
+    #[getter]
+    fn header<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        header_to_py(py, &self.header)
+    }
+
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.path.clone()
+    }
+
+    fn __len__(&self) -> usize {
+        self.len
+    }
+
+    /// # Safety
+    /// `view` is a valid `Py_buffer` provided by the interpreter.
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut pyo3::ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        let (ptr, len) = {
+            let me = slf.get();
+            (me.ptr, me.len)
+        };
+        // SAFETY: `ptr`/`len` describe a private writable mapping owned by this object, obtained
+        // through `as_mut_ptr` once at construction; Rust never reads or writes it afterwards, so
+        // the only accesses are through exported buffers. `PyBuffer_FillInfo` stores a new
+        // reference to `slf` in the view, keeping the mapping alive as long as any view exists.
+        let rc = unsafe {
+            pyo3::ffi::PyBuffer_FillInfo(
+                view,
+                slf.as_ptr(),
+                ptr as *mut std::os::raw::c_void,
+                len as pyo3::ffi::Py_ssize_t,
+                0,
+                flags,
+            )
+        };
+        if rc == -1 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Ok(())
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut pyo3::ffi::Py_buffer) {}
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("CheckpointError", m.py().get_type::<CheckpointError>())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(write_shards, m)?)?;
+    m.add_function(wrap_pyfunction!(write_bytes_atomic, m)?)?;
+    m.add_function(wrap_pyfunction!(plan_shards, m)?)?;
+    m.add_function(wrap_pyfunction!(shard_file_names, m)?)?;
+    m.add_function(wrap_pyfunction!(index_file_name, m)?)?;
+    m.add_function(wrap_pyfunction!(add_variant, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_size, m)?)?;
+    m.add_function(wrap_pyfunction!(render_index_json, m)?)?;
+    m.add_function(wrap_pyfunction!(read_header, m)?)?;
+    m.add_class::<MappedFile>()?;
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! Building a safetensors header exactly as `safetensors.torch.save_file` does: tensors sorted
+//! by dtype (descending) then name, contiguous offsets, `__metadata__` first, compact JSON
+//! padded with spaces to a multiple of 8 bytes, behind a little-endian u64 length.
+
+use std::collections::BTreeMap;
+
+use crate::dtype::{numel, Dtype};
+use crate::error::{Error, Result};
+
+/// Largest header a reader accepts (the limit the safetensors crate enforces).
+pub const MAX_HEADER_SIZE: u64 = 100_000_000;
+
+/// One tensor to write: a name, its type and shape, and its raw little-endian bytes.
+#[derive(Debug, Clone)]
+pub struct TensorView<'a> {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<u64>,
+    pub data: &'a [u8],
+}
+
+impl TensorView<'_> {
+    /// Checks that the byte length matches dtype and shape.
+    pub fn validate(&self) -> Result<()> {
+        let expected = numel(&self.shape).and_then(|n| self.dtype.byte_size(n));
+        match expected {
+            Some(n) if n == self.data.len() as u64 => Ok(()),
+            Some(n) => Err(Error::invalid(format!(
+                "tensor {:?}: {} {:?} needs {n} bytes, got {}",
+                self.name,
+                self.dtype,
+                self.shape,
+                self.data.len()
+            ))),
+            None => Err(Error::invalid(format!(
+                "tensor {:?}: shape {:?} of {} has no whole byte size",
+                self.name, self.shape, self.dtype
+            ))),
+        }
+    }
+}
+
+/// Where everything goes in one file: the serialized header (with its 8-byte length prefix)
+/// and, for each tensor (by index into the input), its absolute byte offset in the file.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// Length prefix + JSON header + padding.
+    pub header: Vec<u8>,
+    /// Input indices in file order.
+    pub order: Vec<usize>,
+    /// Absolute file offset of each input tensor's data (indexed like the input).
+    pub offsets: Vec<u64>,
+    /// Total file size in bytes.
+    pub file_size: u64,
+}
+
+/// Computes the header bytes and data offsets for `tensors`.
+///
+/// Rejects empty or duplicate names and byte lengths that do not match shape and dtype.
+pub fn layout(tensors: &[TensorView<'_>], metadata: Option<&BTreeMap<String, String>>) -> Result<Layout> {
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (ta, tb) = (&tensors[a], &tensors[b]);
+        tb.dtype.cmp(&ta.dtype).then_with(|| ta.name.cmp(&tb.name))
+    });
+    for pair in order.windows(2) {
+        if tensors[pair[0]].name == tensors[pair[1]].name {
+            return Err(Error::invalid(format!(
+                "tensor name {:?} appears twice in one file",
+                tensors[pair[0]].name
+            )));
+        }
+    }
+    let mut json = String::with_capacity(64 + tensors.len() * 96);
+    json.push('{');
+    let mut first = true;
+    if let Some(meta) = metadata {
+        json.push_str("\"__metadata__\":{");
+        for (i, (k, v)) in meta.iter().enumerate() {
+            if i > 0 {
+                json.push(',');
+            }
+            push_json_str(&mut json, k);
+            json.push(':');
+            push_json_str(&mut json, v);
+        }
+        json.push('}');
+        first = false;
+    }
+    let mut rel_offsets = vec![0u64; tensors.len()];
+    let mut cursor = 0u64;
+    for &i in &order {
+        let t = &tensors[i];
+        if t.name.is_empty() || t.name == "__metadata__" {
+            return Err(Error::invalid(format!("invalid tensor name {:?}", t.name)));
+        }
+        t.validate()?;
+        let end = cursor + t.data.len() as u64;
+        if !first {
+            json.push(',');
+        }
+        first = false;
+        push_json_str(&mut json, &t.name);
+        json.push_str(":{\"dtype\":\"");
+        json.push_str(t.dtype.name());
+        json.push_str("\",\"shape\":[");
+        for (j, d) in t.shape.iter().enumerate() {
+            if j > 0 {
+                json.push(',');
+            }
+            json.push_str(&d.to_string());
+        }
+        json.push_str(&format!("],\"data_offsets\":[{cursor},{end}]}}"));
+        rel_offsets[i] = cursor;
+        cursor = end;
+    }
+    json.push('}');
+    let pad = (8 - json.len() % 8) % 8;
+    json.extend(std::iter::repeat_n(' ', pad));
+    let hlen = json.len() as u64;
+    let mut header = Vec::with_capacity(8 + json.len());
+    header.extend_from_slice(&hlen.to_le_bytes());
+    header.extend_from_slice(json.as_bytes());
+    let data_start = header.len() as u64;
+    Ok(Layout {
+        offsets: rel_offsets.iter().map(|o| o + data_start).collect(),
+        file_size: data_start + cursor,
+        header,
+        order,
+    })
+}
+
+/// Appends `s` as a JSON string literal, escaped the way serde_json does.
+fn push_json_str(out: &mut String, s: &str) {
+    // serde_json::to_string on a &str cannot fail.
+    out.push_str(&serde_json::to_string(s).unwrap_or_default());
+}

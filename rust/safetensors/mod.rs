@@ -1,0 +1,10 @@
+//! The safetensors container: header layout (`header`), writing shards (`write`) and
+//! reading/validating them (`read`). Knows nothing about models, quantization or Python.
+
+pub mod header;
+pub mod read;
+pub mod write;
+
+pub use header::{Layout, TensorView, MAX_HEADER_SIZE};
+pub use read::{map_file, parse_header, read_header, Header, MappedFile, TensorInfo};
+pub use write::{write_bytes_atomic, write_shards, ShardSpec, WriteOptions, WriteStrategy};

@@ -1,0 +1,240 @@
+//! Writing safetensors shards: several files at once, straight from the callers' tensor
+//! memory (no staging copy of a shard), each committed by writing a temporary sibling file and
+//! renaming it into place. Optional fsync of files and folder. Owns file creation; knows no Python.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rayon::prelude::*;
+
+use super::header::{layout, Layout, TensorView};
+use crate::error::{Error, Result};
+
+/// How bytes reach the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteStrategy {
+    /// `pwrite` of each tensor (split into chunks) at its offset; chunks run in parallel.
+    Pwrite,
+    /// Size the file, map it and copy tensors into the map in parallel.
+    Mmap,
+}
+
+/// Options for [`write_shards`].
+#[derive(Debug, Clone)]
+pub struct WriteOptions {
+    /// fsync every file before its rename and the folder after.
+    pub fsync: bool,
+    pub strategy: WriteStrategy,
+    /// Largest piece handed to one `pwrite`/copy; big tensors are split so threads share them.
+    pub chunk_size: usize,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions {
+            fsync: false,
+            strategy: WriteStrategy::Pwrite,
+            chunk_size: 16 << 20,
+        }
+    }
+}
+
+/// One file to write.
+#[derive(Debug, Clone)]
+pub struct ShardSpec<'a> {
+    pub path: PathBuf,
+    pub tensors: Vec<TensorView<'a>>,
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// The temporary sibling a file is written to before its rename. Starts with a dot and
+/// ends in `.tmp`, so checkpoint loaders never mistake it for a shard.
+pub fn temp_path_for(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    path.with_file_name(format!(".{name}.{}-{n}.quantsave.tmp", std::process::id()))
+}
+
+/// Removes temporaries on drop unless they were committed.
+struct TempFiles(Vec<PathBuf>);
+
+impl Drop for TempFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// Writes every shard and returns the size in bytes of each file.
+///
+/// All files are written to temporaries first; only when every one is complete (and fsynced,
+/// if asked) are they renamed into place. On any error no target file is touched and the
+/// temporaries are removed.
+pub fn write_shards(shards: &[ShardSpec<'_>], opts: &WriteOptions) -> Result<Vec<u64>> {
+    let layouts: Vec<Layout> = shards
+        .iter()
+        .map(|s| {
+            layout(&s.tensors, s.metadata.as_ref())
+                .map_err(|e| Error::invalid(format!("{}: {e}", s.path.display())))
+        })
+        .collect::<Result<_>>()?;
+    let mut temps = TempFiles(Vec::with_capacity(shards.len()));
+    let mut files = Vec::with_capacity(shards.len());
+    for (shard, lay) in shards.iter().zip(&layouts) {
+        let tmp = temp_path_for(&shard.path);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| Error::io(&shard.path, "create", e))?;
+        temps.0.push(tmp);
+        file.set_len(lay.file_size)
+            .map_err(|e| Error::io(&shard.path, "allocate", e))?;
+        files.push(file);
+    }
+    match opts.strategy {
+        WriteStrategy::Pwrite => write_pwrite(shards, &layouts, &files, opts.chunk_size)?,
+        WriteStrategy::Mmap => write_mmap(shards, &layouts, &files, opts)?,
+    }
+    if opts.fsync {
+        files
+            .par_iter()
+            .zip(shards)
+            .try_for_each(|(f, s)| f.sync_all().map_err(|e| Error::io(&s.path, "fsync", e)))?;
+    }
+    drop(files);
+    let mut committed = Vec::new();
+    for (tmp, shard) in temps.0.drain(..).zip(shards) {
+        fs::rename(&tmp, &shard.path).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            Error::io(&shard.path, "rename", e)
+        })?;
+        committed.push(shard.path.clone());
+    }
+    if opts.fsync {
+        let mut dirs: Vec<&Path> = committed.iter().filter_map(|p| p.parent()).collect();
+        dirs.dedup();
+        for d in dirs {
+            sync_dir(d)?;
+        }
+    }
+    Ok(layouts.iter().map(|l| l.file_size).collect())
+}
+
+/// One contiguous piece of a file: where it goes and the bytes.
+struct Piece<'a> {
+    file: usize,
+    offset: u64,
+    data: &'a [u8],
+}
+
+fn pieces<'a>(shards: &'a [ShardSpec<'a>], layouts: &'a [Layout], chunk: usize) -> Vec<Piece<'a>> {
+    let chunk = chunk.max(4096);
+    let mut out = Vec::new();
+    for (f, (shard, lay)) in shards.iter().zip(layouts).enumerate() {
+        out.push(Piece {
+            file: f,
+            offset: 0,
+            data: &lay.header,
+        });
+        for &i in &lay.order {
+            let t = &shard.tensors[i];
+            for (k, c) in t.data.chunks(chunk).enumerate() {
+                out.push(Piece {
+                    file: f,
+                    offset: lay.offsets[i] + (k * chunk) as u64,
+                    data: c,
+                });
+            }
+        }
+    }
+    out
+}
+
+fn write_pwrite(shards: &[ShardSpec<'_>], layouts: &[Layout], files: &[File], chunk: usize) -> Result<()> {
+    pieces(shards, layouts, chunk).par_iter().try_for_each(|p| {
+        files[p.file]
+            .write_all_at(p.data, p.offset)
+            .map_err(|e| Error::io(&shards[p.file].path, "write", e))
+    })
+}
+
+fn write_mmap(shards: &[ShardSpec<'_>], layouts: &[Layout], files: &[File], opts: &WriteOptions) -> Result<()> {
+    let mut maps = Vec::with_capacity(files.len());
+    for (f, s) in files.iter().zip(shards) {
+        // SAFETY: the file was just created by this process with `create_new` under a unique
+        // temporary name and is not visible to loaders; nothing else maps or truncates it while
+        // the map lives (the map is dropped before the file is renamed).
+        let map = unsafe { memmap2::MmapMut::map_mut(f) }.map_err(|e| Error::io(&s.path, "mmap", e))?;
+        maps.push(map);
+    }
+    // Cut every map into disjoint destination slices, one per piece.
+    let all = pieces(shards, layouts, opts.chunk_size);
+    let mut jobs: Vec<(&mut [u8], &[u8])> = Vec::with_capacity(all.len());
+    let mut by_file: Vec<Vec<&Piece<'_>>> = (0..files.len()).map(|_| Vec::new()).collect();
+    for p in &all {
+        by_file[p.file].push(p);
+    }
+    for (f, map) in maps.iter_mut().enumerate() {
+        let mut list = by_file[f].clone();
+        list.sort_by_key(|p| p.offset);
+        let mut rest: &mut [u8] = &mut map[..];
+        let mut pos = 0u64;
+        for p in list {
+            let skip = (p.offset - pos) as usize;
+            let (_, tail) = rest.split_at_mut(skip);
+            let (dst, tail) = tail.split_at_mut(p.data.len());
+            jobs.push((dst, p.data));
+            rest = tail;
+            pos = p.offset + p.data.len() as u64;
+        }
+    }
+    jobs.par_iter_mut().for_each(|(dst, src)| dst.copy_from_slice(src));
+    if opts.fsync {
+        for (m, s) in maps.iter().zip(shards) {
+            m.flush().map_err(|e| Error::io(&s.path, "msync", e))?;
+        }
+    }
+    Ok(())
+}
+
+/// fsyncs a folder so a rename inside it is durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    let d = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    File::open(d)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(d, "fsync", e))
+}
+
+/// Writes `data` to `path` through a temporary sibling and a rename.
+pub fn write_bytes_atomic(path: &Path, data: &[u8], fsync: bool) -> Result<()> {
+    let tmp = temp_path_for(path);
+    let mut guard = TempFiles(vec![tmp.clone()]);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| Error::io(path, "create", e))?;
+    f.write_all(data).map_err(|e| Error::io(path, "write", e))?;
+    if fsync {
+        f.sync_all().map_err(|e| Error::io(path, "fsync", e))?;
+    }
+    drop(f);
+    fs::rename(&tmp, path).map_err(|e| Error::io(path, "rename", e))?;
+    guard.0.clear();
+    if fsync {
+        sync_dir(path.parent().unwrap_or(Path::new(".")))?;
+    }
+    Ok(())
+}
