@@ -1,0 +1,22 @@
+"""quantsave: save quantized PyTorch models as Hugging Face compatible checkpoints, and load them back."""
+
+from __future__ import annotations
+
+from quantsave._core import __version__
+from quantsave.api import load_quantized, load_state_dict, save_quantized
+from quantsave.config import BitsAndBytesConfig, GGUFQuantizationConfig, QuantizationConfig
+from quantsave.errors import CheckpointError, NotSerializableError
+from quantsave.save import SaveResult
+
+__all__ = [
+    "BitsAndBytesConfig",
+    "CheckpointError",
+    "GGUFQuantizationConfig",
+    "NotSerializableError",
+    "QuantizationConfig",
+    "SaveResult",
+    "__version__",
+    "load_quantized",
+    "load_state_dict",
+    "save_quantized",
+]

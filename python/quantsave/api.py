@@ -1,0 +1,93 @@
+"""The public functions: ``save_quantized``, ``load_quantized``, ``load_state_dict``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantsave.config.base import QuantizationConfig
+from quantsave.load import load_model
+from quantsave.load import load_state_dict as _load_state_dict
+from quantsave.save import SaveResult, save_model
+
+__all__ = ["save_quantized", "load_quantized", "load_state_dict"]
+
+
+def save_quantized(
+    model_or_pipeline: nn.Module,
+    save_directory: str | os.PathLike[str],
+    *,
+    quantization_config: Any = None,
+    safe_serialization: bool = True,
+    max_shard_size: int | str | None = None,
+    variant: str | None = None,
+    weights_name: str | None = None,
+    metadata: dict[str, str] | None = None,
+    progress: bool | None = None,
+) -> SaveResult:
+    """Saves a quantized (or plain) model as a checkpoint ``from_pretrained`` loads as pre-quantized.
+
+    Args:
+        model_or_pipeline: a diffusers or transformers model, or any ``nn.Module``.
+        save_directory: target folder (created if missing).
+        quantization_config: overrides the config read off the model (quantsave, diffusers or
+            transformers config object, or dict).
+        safe_serialization: safetensors (default) or the pickle ``.bin`` form.
+        max_shard_size: bytes or a string like ``"5GB"`` (decimal units); default ``"10GB"`` for
+            diffusers and plain modules, ``"50GB"`` for transformers models.
+        variant: inserted before the extension (``model.fp16.safetensors``).
+        weights_name: the weights file name (default by family).
+        metadata: extra string metadata for every shard header.
+        progress: show a progress bar (default: when writing several shards to a terminal).
+
+    Returns:
+        A ``SaveResult`` listing the files written, bytes, shards and seconds.
+
+    Raises:
+        NotSerializableError: the quantization backend cannot be saved (nothing is written).
+        ValueError: bad input (meta, sparse or shared tensors, bad names or sizes), before writing.
+        OSError: the folder cannot be written; no partial file is left behind.
+    """
+    return save_model(
+        model_or_pipeline,
+        save_directory,
+        quantization_config=quantization_config,
+        safe_serialization=safe_serialization,
+        max_shard_size=max_shard_size,
+        variant=variant,
+        weights_name=weights_name,
+        metadata=metadata,
+        progress=progress,
+    )
+
+
+def load_quantized(
+    directory: str | os.PathLike[str],
+    model: nn.Module | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    variant: str | None = None,
+) -> nn.Module:
+    """Loads a checkpoint into ``model``, swapping in the quantized modules its config calls for.
+
+    Args:
+        directory: the checkpoint folder.
+        model: an un-quantized skeleton (real or on the meta device). When None, it is built
+            from ``config.json`` through diffusers or transformers.
+        device: where the loaded model goes.
+        variant: the weights variant to load.
+
+    Raises:
+        CheckpointError: a corrupt file, or tensors that do not match the model.
+    """
+    return load_model(directory, model, device=device, variant=variant)
+
+
+def load_state_dict(
+    directory: str | os.PathLike[str], *, variant: str | None = None
+) -> tuple[dict[str, torch.Tensor], QuantizationConfig | None]:
+    """Every tensor of a checkpoint (memory-mapped, no copies) and its quantization config."""
+    return _load_state_dict(directory, variant=variant)

@@ -1,0 +1,15 @@
+"""Quantization configs: one class per backend, serialized in the Hugging Face format."""
+
+from __future__ import annotations
+
+from quantsave.config.base import QuantizationConfig, config_class, resolve_config
+from quantsave.config.bnb import BitsAndBytesConfig
+from quantsave.config.gguf import GGUFQuantizationConfig
+
+__all__ = [
+    "BitsAndBytesConfig",
+    "GGUFQuantizationConfig",
+    "QuantizationConfig",
+    "config_class",
+    "resolve_config",
+]

@@ -1,0 +1,94 @@
+"""The config base class, the registry of config classes by ``quant_method``, and
+``resolve_config``, which accepts a quantsave config, a diffusers/transformers config object or
+a plain dict wherever a config is taken."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+__all__ = ["QuantizationConfig", "config_class", "resolve_config"]
+
+_CONFIGS: dict[str, type[QuantizationConfig]] = {}
+
+
+class QuantizationConfig:
+    """Base class of every quantization config.
+
+    Subclasses set ``quant_method`` and implement ``to_dict``/``from_dict``. A config of a
+    ``quant_method`` quantsave has no class for is kept as a plain dict in this base class.
+    """
+
+    quant_method: ClassVar[str] = ""
+
+    def __init__(self, data: dict[str, Any] | None = None) -> None:
+        self._data = dict(data or {})
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.quant_method:
+            _CONFIGS[cls.quant_method] = cls
+
+    @property
+    def method(self) -> str:
+        """The ``quant_method`` this config stands for."""
+        return self.quant_method or str(self._data.get("quant_method", ""))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The dict written under ``quantization_config`` in ``config.json``."""
+        return dict(self._data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantizationConfig:
+        """Builds the config from its ``config.json`` form."""
+        return cls(data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, QuantizationConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {self.to_json_string()}"
+
+
+def config_class(quant_method: str) -> type[QuantizationConfig] | None:
+    """The config class registered for ``quant_method``, if any."""
+    return _CONFIGS.get(quant_method)
+
+
+def _method_of(data: dict[str, Any]) -> str:
+    method = data.get("quant_method")
+    # diffusers and transformers store an enum whose value is the string.
+    method = getattr(method, "value", method)
+    if not isinstance(method, str) or not method:
+        raise ValueError(
+            f"quantization config has no 'quant_method'; supported methods: {sorted(_CONFIGS)}"
+        )
+    return method
+
+
+def resolve_config(config: Any) -> QuantizationConfig | None:
+    """Turns ``config`` (quantsave config, diffusers/transformers config object or dict) into a
+    quantsave config. ``None`` stays ``None``.
+
+    Raises:
+        ValueError: the object is not a quantization config.
+    """
+    if config is None or isinstance(config, QuantizationConfig):
+        return config
+    if isinstance(config, dict):
+        data = dict(config)
+    elif callable(getattr(config, "to_dict", None)):
+        data = dict(config.to_dict())
+    else:
+        raise ValueError(
+            f"expected a quantization config (quantsave, diffusers or transformers config, or dict), got {type(config).__name__}"
+        )
+    method = _method_of(data)
+    data["quant_method"] = method
+    cls = _CONFIGS.get(method)
+    if cls is None:
+        return QuantizationConfig(data)
+    return cls.from_dict(data)

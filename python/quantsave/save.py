@@ -1,0 +1,310 @@
+"""The save path: model -> quantizer (state dict, weight groups, config) -> Rust planner ->
+Rust writer, then config/index files and removal of stale shards of an earlier save."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantsave import _core
+from quantsave.config.base import QuantizationConfig, resolve_config
+from quantsave.errors import NotSerializableError
+from quantsave.families import TRANSFORMERS, Family, dump_json, family_of, is_pipeline, model_config_files
+from quantsave.quantizers.base import Quantizer
+from quantsave.quantizers.registry import detect_quantizer, get_quantizer
+from quantsave.tensors import byte_view, dtype_name
+
+__all__ = ["SaveResult", "save_model", "check_file_name", "resolve_quantizer"]
+
+_SHARD_RE = re.compile(r"(.*?)-\d{5}-of-\d{5}")
+#: Host bytes gathered per write call for tensors that live on an accelerator.
+_DEVICE_BATCH_BYTES = 1 << 30
+
+
+@dataclass
+class SaveResult:
+    """What a save wrote."""
+
+    directory: Path
+    files: list[str] = field(default_factory=list)
+    total_bytes: int = 0
+    num_shards: int = 0
+    seconds: float = 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"SaveResult({self.directory}: {self.num_shards} shard(s), {len(self.files)} files, "
+            f"{self.total_bytes} bytes, {self.seconds:.3f} s)"
+        )
+
+
+def check_file_name(value: str, what: str) -> str:
+    """Rejects names that would write outside the target folder."""
+    if (
+        not isinstance(value, str)
+        or not value
+        or value in (".", "..")
+        or "/" in value
+        or "\\" in value
+        or "\0" in value
+        or os.path.isabs(value)
+    ):
+        raise ValueError(f"{what} {value!r} must be a plain file name (no path separators, not '.' or '..')")
+    return value
+
+
+def resolve_quantizer(model: nn.Module, quantization_config: Any) -> Quantizer | None:
+    """The quantizer for ``model``: from the explicit config, the model's own record, or its layers."""
+    config = resolve_config(quantization_config)
+    if config is None:
+        recorded = getattr(model, "_quantsave_config", None)
+        hf_quantizer = getattr(model, "hf_quantizer", None)
+        if recorded is not None:
+            config = resolve_config(recorded)
+        elif hf_quantizer is not None:
+            config = resolve_config(hf_quantizer.quantization_config)
+        else:
+            cls = detect_quantizer(model)
+            if cls is None:
+                return None
+            if not cls.is_serializable:
+                return cls(cls.config_cls())
+            config = cls.config_from_model(model)
+    return get_quantizer(config)
+
+
+def _check_serializable(q: Quantizer, safe_serialization: bool) -> None:
+    if not q.is_serializable:
+        raise NotSerializableError(
+            f"models quantized with {q.quant_method} cannot be saved: {q.not_serializable_reason}. Nothing was written."
+        )
+    if safe_serialization and not q.supports_safetensors:
+        raise NotSerializableError(
+            f"{q.quant_method} checkpoints cannot be written as safetensors; pass safe_serialization=False. "
+            "Nothing was written."
+        )
+
+
+def _transformers_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Prepares a transformers state dict as ``save_pretrained`` does: tied weights removed, and
+    load-time weight conversions reverted (which also fixes the key order)."""
+    try:
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    except ImportError:
+        return state_dict
+    state_dict = dict(remove_tied_weights_from_state_dict(state_dict, model))
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return state_dict
+    return dict(revert_weight_conversion(model, state_dict))
+
+
+def _check_tensors(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Validates every tensor before anything is written; returns their dtype names."""
+    names = []
+    spans: dict[Any, list[tuple[int, int, str]]] = {}
+    for key, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{key!r} is a {type(t).__name__}, not a tensor")
+        if t.is_meta or t.device.type == "meta":
+            raise ValueError(f"tensor {key!r} is on the meta device and has no data to save; load its weights first")
+        if t.layout != torch.strided:
+            raise ValueError(f"tensor {key!r} has layout {t.layout}; convert sparse tensors with .to_dense() before saving")
+        names.append(dtype_name(t.dtype, f"tensor {key!r}"))
+        if t.numel():
+            storage = t.untyped_storage()
+            start = t.storage_offset() * t.element_size()
+            end = start + _span_bytes(t)
+            spans.setdefault((t.device, storage.data_ptr()), []).append((start, end, key))
+    for group in spans.values():
+        group.sort()
+        for (s0, e0, k0), (s1, _e1, k1) in zip(group, group[1:]):
+            if s1 < e0:
+                raise ValueError(
+                    f"tensors {k0!r} and {k1!r} share memory; safetensors stores each tensor once. "
+                    "Untie them (e.g. clone one) or drop one before saving"
+                )
+    return names
+
+
+def _span_bytes(t: torch.Tensor) -> int:
+    if t.numel() == 0:
+        return 0
+    last = sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    return (last + 1) * t.element_size()
+
+
+def _parse_shard_size(value: int | str | None, family: Family) -> int:
+    if value is None:
+        value = family.default_max_shard_size
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"max_shard_size must be an int (bytes) or a string like '5GB', got {value!r}")
+    size = _core.parse_size(value) if isinstance(value, str) else value
+    if size <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {value!r}")
+    return size
+
+
+def _progress_bar(enabled: bool | None, total: int, desc: str) -> Any:
+    if enabled is None:
+        enabled = total > 1 and sys.stderr.isatty()
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="shard")
+
+
+def save_model(
+    model: nn.Module,
+    save_directory: str | os.PathLike[str],
+    *,
+    quantization_config: Any = None,
+    safe_serialization: bool = True,
+    max_shard_size: int | str | None = None,
+    variant: str | None = None,
+    weights_name: str | None = None,
+    metadata: dict[str, str] | None = None,
+    progress: bool | None = None,
+) -> SaveResult:
+    """Saves one model (see ``quantsave.save_quantized``)."""
+    t0 = time.perf_counter()
+    if is_pipeline(model):
+        raise ValueError("saving a whole DiffusionPipeline is not supported yet; save each component with save_quantized")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    family = family_of(model)
+    quantizer = resolve_quantizer(model, quantization_config)
+    if quantizer is not None:
+        _check_serializable(quantizer, safe_serialization)
+    if variant is not None:
+        check_file_name(variant, "variant")
+    if weights_name is None:
+        weights_name = family.weights_name if safe_serialization else family.bin_weights_name
+    check_file_name(weights_name, "weights_name")
+    suffix = ".safetensors" if safe_serialization else ".bin"
+    if not weights_name.endswith(suffix):
+        raise ValueError(f"weights_name {weights_name!r} must end with {suffix!r}")
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError("metadata must map strings to strings")
+    shard_limit = _parse_shard_size(max_shard_size, family)
+
+    state_dict = quantizer.state_dict(model) if quantizer is not None else dict(model.state_dict())
+    if family is TRANSFORMERS:
+        state_dict = _transformers_state_dict(model, state_dict)
+    dtypes = _check_tensors(state_dict)
+    keys = list(state_dict)
+    groups = quantizer.weight_groups(keys) if quantizer is not None else {}
+    group_ids: dict[str, int] = {}
+    plan_groups = [group_ids.setdefault(groups[k], len(group_ids)) if k in groups else None for k in keys]
+    sizes = [state_dict[k].untyped_storage().nbytes() if state_dict[k].numel() else 0 for k in keys]
+    shards, total_size = _core.plan_shards(sizes, plan_groups, shard_limit)
+    file_names = _core.shard_file_names(weights_name, variant, len(shards))
+
+    header_meta = {"format": "pt"}
+    if quantizer is not None:
+        header_meta.update(quantizer.header_metadata(state_dict))
+    if metadata:
+        header_meta.update(metadata)
+    quant_dict = quantizer.config.to_dict() if quantizer is not None else None
+    json_files = model_config_files(model, family, quant_dict)
+
+    directory = Path(save_directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"save_directory {str(directory)!r} exists and is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+
+    result = SaveResult(directory=directory, num_shards=len(shards))
+    bar = _progress_bar(progress, len(shards), "Writing shards")
+    try:
+        if safe_serialization:
+            _write_safetensors(state_dict, keys, dtypes, shards, file_names, directory, header_meta, result, bar)
+        else:
+            for idx, fname in zip(shards, file_names):
+                torch.save({keys[i]: state_dict[keys[i]].contiguous() for i in idx}, directory / fname)
+                result.total_bytes += (directory / fname).stat().st_size
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    result.files.extend(file_names)
+
+    index_name = _core.index_file_name(weights_name, variant)
+    if len(shards) > 1:
+        weight_map = {keys[i]: fname for idx, fname in zip(shards, file_names) for i in idx}
+        index_meta: dict[str, Any] = {"total_size": total_size}
+        if family is TRANSFORMERS and callable(getattr(model, "num_parameters", None)):
+            index_meta["total_parameters"] = model.num_parameters()
+        text = _core.render_index_json(dump_json(index_meta), weight_map)
+        _core.write_bytes_atomic(directory / index_name, text.encode())
+        result.files.append(index_name)
+    for name, text in json_files.items():
+        _core.write_bytes_atomic(directory / name, text.encode())
+        result.files.append(name)
+    _remove_stale(directory, weights_name, variant, set(file_names), index_name if len(shards) == 1 else None)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _write_safetensors(
+    state_dict: dict[str, torch.Tensor],
+    keys: list[str],
+    dtypes: list[str],
+    shards: list[list[int]],
+    file_names: list[str],
+    directory: Path,
+    header_meta: dict[str, str],
+    result: SaveResult,
+    bar: Any,
+) -> None:
+    """Writes the shards, batching calls so accelerator tensors reach the host a batch at a time."""
+    on_host = all(state_dict[k].device.type == "cpu" for k in keys)
+    batch: list[tuple[Path, list[tuple[str, str, list[int], Any]], dict[str, str]]] = []
+    batch_bytes = 0
+
+    def flush() -> None:
+        nonlocal batch, batch_bytes
+        if batch:
+            result.total_bytes += sum(_core.write_shards(batch))
+            if bar is not None:
+                bar.update(len(batch))
+        batch, batch_bytes = [], 0
+
+    for idx, fname in zip(shards, file_names):
+        tensors = []
+        for i in idx:
+            t = state_dict[keys[i]]
+            tensors.append((keys[i], dtypes[i], list(t.shape), byte_view(t)))
+            batch_bytes += t.numel() * t.element_size()
+        batch.append((directory / fname, tensors, header_meta))
+        # Host tensors are written in one call (shards in parallel), or shard by shard when a
+        # progress bar is shown; device tensors a batch at a time so host memory stays bounded.
+        if (on_host and bar is not None) or (not on_host and batch_bytes >= _DEVICE_BATCH_BYTES):
+            flush()
+    flush()
+
+
+def _remove_stale(directory: Path, weights_name: str, variant: str | None, keep: set[str], stale_index: str | None) -> None:
+    """Deletes shard files of an earlier save that this save did not rewrite (as the references do)."""
+    base = _core.add_variant(weights_name, variant)
+    stem, ext = os.path.splitext(base)
+    for entry in directory.iterdir():
+        name = entry.name
+        if name in keep or not entry.is_file() or not name.endswith(ext) or not name.startswith(stem):
+            continue
+        if _SHARD_RE.fullmatch(name[: -len(ext)]) is not None:
+            entry.unlink()
+    if stale_index is not None and (directory / stale_index).is_file():
+        (directory / stale_index).unlink()
