@@ -6,6 +6,7 @@ from quantsave._core import __version__
 from quantsave.api import load_quantized, load_state_dict, save_quantized
 from quantsave.config import BitsAndBytesConfig, GGUFQuantizationConfig, QuantizationConfig
 from quantsave.errors import CheckpointError, NotSerializableError
+from quantsave.quantize import quantize
 from quantsave.save import SaveResult
 
 __all__ = [
@@ -18,5 +19,6 @@ __all__ = [
     "__version__",
     "load_quantized",
     "load_state_dict",
+    "quantize",
     "save_quantized",
 ]

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["Family", "family_of", "dump_json", "FAMILIES"]
+__all__ = ["FAMILIES", "Family", "dump_json", "family_of", "is_pipeline", "model_config_files", "total_parameters"]
 
 
 def dump_json(data: Any) -> str:
@@ -75,6 +75,18 @@ def model_config_files(model: nn.Module, family: Family, quant_dict: dict[str, A
     elif quant_dict is not None:
         files["config.json"] = dump_json({"quantization_config": quant_dict})
     return files
+
+
+def total_parameters(model: nn.Module) -> int:
+    """The parameter count transformers records in its index: a packed 4-bit weight counts two
+    values per stored byte, whether or not the model came from ``from_pretrained``."""
+    total = 0
+    for p in model.parameters():
+        if type(p).__name__ == "Params4bit":
+            total += p.numel() * 2 * p.element_size()
+        else:
+            total += p.numel()
+    return total
 
 
 def _with_quant(cfg: dict[str, Any], quant_dict: dict[str, Any] | None) -> dict[str, Any]:

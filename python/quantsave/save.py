@@ -17,7 +17,15 @@ from torch import nn
 from quantsave import _core
 from quantsave.config.base import QuantizationConfig, resolve_config
 from quantsave.errors import NotSerializableError
-from quantsave.families import TRANSFORMERS, Family, dump_json, family_of, is_pipeline, model_config_files
+from quantsave.families import (
+    TRANSFORMERS,
+    Family,
+    dump_json,
+    family_of,
+    is_pipeline,
+    model_config_files,
+    total_parameters,
+)
 from quantsave.quantizers.base import Quantizer
 from quantsave.quantizers.registry import detect_quantizer, get_quantizer
 from quantsave.tensors import byte_view, dtype_name
@@ -143,6 +151,31 @@ def _span_bytes(t: torch.Tensor) -> int:
     return (last + 1) * t.element_size()
 
 
+def _plan_sizes(tensors: list[torch.Tensor]) -> list[int]:
+    """Bytes each tensor counts for in shard planning.
+
+    As the reference, a tensor counts its whole storage. Two exceptions keep views from counting
+    memory that is not theirs: storages shared by several tensors, and external memory torch did
+    not allocate (non-resizable, e.g. a memory-mapped checkpoint), count the tensor's own bytes.
+    """
+    users: dict[tuple[Any, int], int] = {}
+    for t in tensors:
+        if t.numel():
+            key = (t.device, t.untyped_storage().data_ptr())
+            users[key] = users.get(key, 0) + 1
+    sizes = []
+    for t in tensors:
+        if not t.numel():
+            sizes.append(0)
+            continue
+        storage = t.untyped_storage()
+        if users[(t.device, storage.data_ptr())] == 1 and storage.resizable():
+            sizes.append(storage.nbytes())
+        else:
+            sizes.append(t.numel() * t.element_size())
+    return sizes
+
+
 def _parse_shard_size(value: int | str | None, family: Family) -> int:
     if value is None:
         value = family.default_max_shard_size
@@ -208,7 +241,7 @@ def save_model(
     groups = quantizer.weight_groups(keys) if quantizer is not None else {}
     group_ids: dict[str, int] = {}
     plan_groups = [group_ids.setdefault(groups[k], len(group_ids)) if k in groups else None for k in keys]
-    sizes = [state_dict[k].untyped_storage().nbytes() if state_dict[k].numel() else 0 for k in keys]
+    sizes = _plan_sizes([state_dict[k] for k in keys])
     shards, total_size = _core.plan_shards(sizes, plan_groups, shard_limit)
     file_names = _core.shard_file_names(weights_name, variant, len(shards))
 
@@ -245,8 +278,8 @@ def save_model(
     if len(shards) > 1:
         weight_map = {keys[i]: fname for idx, fname in zip(shards, file_names) for i in idx}
         index_meta: dict[str, Any] = {"total_size": total_size}
-        if family is TRANSFORMERS and callable(getattr(model, "num_parameters", None)):
-            index_meta["total_parameters"] = model.num_parameters()
+        if family is TRANSFORMERS:
+            index_meta["total_parameters"] = total_parameters(model)
         text = _core.render_index_json(dump_json(index_meta), weight_map)
         _core.write_bytes_atomic(directory / index_name, text.encode())
         result.files.append(index_name)

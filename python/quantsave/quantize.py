@@ -1,0 +1,84 @@
+"""``quantize``: swap a model's ``nn.Linear`` layers for quantized ones, on the CPU or any device
+the backend supports, and record the config so ``save_quantized`` needs no arguments."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from quantsave.config.base import resolve_config
+from quantsave.config.bnb import BitsAndBytesConfig
+from quantsave.quantizers.bnb import import_bnb
+
+__all__ = ["quantize"]
+
+
+def _skipped(name: str, skip: list[str]) -> bool:
+    return any(name == s or name.startswith(s + ".") or name.endswith("." + s) or s in name.split(".") for s in skip)
+
+
+def quantize(model: nn.Module, quantization_config: Any, *, modules_to_not_convert: list[str] | None = None) -> nn.Module:
+    """Quantizes ``model`` in place and returns it.
+
+    Args:
+        model: any module; its ``nn.Linear`` layers are replaced.
+        quantization_config: a bitsandbytes config (quantsave, diffusers or transformers object, or dict).
+        modules_to_not_convert: names (or name parts) of Linear layers to keep in float; the config's
+            ``llm_int8_skip_modules`` and the model's ``_keep_in_fp32_modules`` are skipped too.
+
+    Raises:
+        ValueError: a config quantsave cannot apply.
+    """
+    config = resolve_config(quantization_config)
+    if not isinstance(config, BitsAndBytesConfig) or config.bits == 0:
+        method = config.method if config is not None else None
+        raise ValueError(f"quantize supports bitsandbytes 4-bit and 8-bit configs, got {method!r}")
+    bnb = import_bnb()
+    skip = list(modules_to_not_convert or []) + list(config.llm_int8_skip_modules or [])
+    skip += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    targets = [
+        (name, m) for name, m in model.named_modules() if type(m) is nn.Linear and name and not _skipped(name, skip)
+    ]
+    for name, lin in targets:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        device = lin.weight.device
+        weight = lin.weight.detach()
+        bias = lin.bias
+        new: nn.Module
+        if config.bits == 4:
+            new = bnb.nn.Linear4bit(
+                lin.in_features,
+                lin.out_features,
+                bias=bias is not None,
+                compute_dtype=config.bnb_4bit_compute_dtype,
+                compress_statistics=config.bnb_4bit_use_double_quant,
+                quant_type=config.bnb_4bit_quant_type,
+                quant_storage=config.bnb_4bit_quant_storage,
+                device="meta",
+            )
+            new.weight = bnb.nn.Params4bit(
+                weight,
+                requires_grad=False,
+                compress_statistics=config.bnb_4bit_use_double_quant,
+                quant_type=config.bnb_4bit_quant_type,
+                quant_storage=config.bnb_4bit_quant_storage,
+                module=new,
+            )
+        else:
+            new = bnb.nn.Linear8bitLt(
+                lin.in_features,
+                lin.out_features,
+                bias=bias is not None,
+                has_fp16_weights=config.llm_int8_has_fp16_weight,
+                threshold=config.llm_int8_threshold,
+                device="meta",
+            )
+            new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=config.llm_int8_has_fp16_weight)
+        if bias is not None:
+            new.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        new = new.to(device)
+        setattr(parent, leaf, new)
+    model._quantsave_config = config  # type: ignore[assignment]
+    return model

@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny transformers and diffusers models built in code with fixed seeds."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+
+
+def tiny_llama_config():  # type: ignore[no-untyped-def]
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A float tiny Llama saved by transformers."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llama-base")
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def llama_ids() -> torch.Tensor:
+    return torch.tensor([[1, 5, 9, 33, 64, 2]])
+
+
+def sd3_kwargs() -> dict:
+    return dict(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=16,
+        out_channels=4,
+    )
+
+
+@pytest.fixture(scope="session")
+def sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A float tiny SD3 transformer saved by diffusers."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("sd3-base")
+    SD3Transformer2DModel(**sd3_kwargs()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def sd3_inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return dict(
+        hidden_states=torch.randn(1, 4, 8, 8, generator=g),
+        encoder_hidden_states=torch.randn(1, 5, 32, generator=g),
+        pooled_projections=torch.randn(1, 16, generator=g),
+        timestep=torch.tensor([1.0]),
+    )
+
+
+@pytest.fixture
+def diffusers_bnb_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lifts only diffusers' "No GPU found" check so its bitsandbytes path runs on the CPU."""
+    from diffusers.quantizers.bitsandbytes import bnb_quantizer
+
+    for cls in (bnb_quantizer.BnB4BitDiffusersQuantizer, bnb_quantizer.BnB8BitDiffusersQuantizer):
+        monkeypatch.setattr(cls, "validate_environment", lambda self, *a, **k: None)
+
+
+def files_equal(a: Path, b: Path) -> list[str]:
+    """Names of files in ``b`` whose bytes differ from (or are missing in) ``a``."""
+    out = []
+    for f in sorted(p.name for p in b.iterdir()):
+        if not (a / f).is_file() or (a / f).read_bytes() != (b / f).read_bytes():
+            out.append(f)
+    return out
