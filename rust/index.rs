@@ -7,15 +7,28 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 /// Renders the index for `metadata` (at least `total_size`) and `weight_map` (tensor -> file).
-pub fn render_index(metadata: &BTreeMap<String, Value>, weight_map: &BTreeMap<String, String>) -> String {
+pub fn render_index(
+    metadata: &BTreeMap<String, Value>,
+    weight_map: &BTreeMap<String, String>,
+) -> String {
     let mut root = serde_json::Map::new();
     root.insert(
         "metadata".into(),
-        Value::Object(metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+        Value::Object(
+            metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        ),
     );
     root.insert(
         "weight_map".into(),
-        Value::Object(weight_map.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect()),
+        Value::Object(
+            weight_map
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect(),
+        ),
     );
     let mut out = String::new();
     dump_python(&Value::Object(root), 0, &mut out);
@@ -102,7 +115,7 @@ fn push_ascii_str(s: &str, out: &mut String) {
             '\t' => out.push_str("\\t"),
             '\u{8}' => out.push_str("\\b"),
             '\u{c}' => out.push_str("\\f"),
-            c if (c as u32) < 0x20 || (c as u32) > 0x7f => {
+            c if (c as u32) < 0x20 || (c as u32) > 0x7e => {
                 let mut buf = [0u16; 2];
                 for unit in c.encode_utf16(&mut buf) {
                     out.push_str(&format!("\\u{unit:04x}"));

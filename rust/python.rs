@@ -57,13 +57,16 @@ fn parse_dtype(s: &str) -> PyResult<Dtype> {
 /// One tensor as handed over by Python: name, dtype name, shape, a uint8 buffer of its bytes.
 type PyTensor = (String, String, Vec<u64>, PyBuffer<u8>);
 
+/// One shard as handed over by Python: target path, tensors, header metadata.
+type PyShard = (PathBuf, Vec<PyTensor>, Option<BTreeMap<String, String>>);
+
 /// Writes shards in parallel. `shards` is a list of `(path, tensors, metadata)`; returns the
 /// size of every file written.
 #[pyfunction]
 #[pyo3(signature = (shards, *, fsync=false, strategy="pwrite", chunk_size=16777216))]
 fn write_shards(
     py: Python<'_>,
-    shards: Vec<(PathBuf, Vec<PyTensor>, Option<BTreeMap<String, String>>)>,
+    shards: Vec<PyShard>,
     fsync: bool,
     strategy: &str,
     chunk_size: usize,
@@ -71,20 +74,27 @@ fn write_shards(
     let strategy = match strategy {
         "pwrite" => WriteStrategy::Pwrite,
         "mmap" => WriteStrategy::Mmap,
-        other => return Err(PyValueError::new_err(format!("unknown write strategy {other:?}; use 'pwrite' or 'mmap'"))),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unknown write strategy {other:?}; use 'pwrite' or 'mmap'"
+            )))
+        }
     };
     let mut specs = Vec::with_capacity(shards.len());
     for (path, tensors, metadata) in &shards {
         let mut views = Vec::with_capacity(tensors.len());
         for (name, dtype, shape, buf) in tensors {
             if !buf.is_c_contiguous() {
-                return Err(PyValueError::new_err(format!("tensor {name:?}: buffer is not contiguous")));
+                return Err(PyValueError::new_err(format!(
+                    "tensor {name:?}: buffer is not contiguous"
+                )));
             }
             // SAFETY: `buf` is a contiguous buffer of `len_bytes()` bytes that its exporter keeps
             // alive and in place until the PyBuffer is released, and the PyBuffer (owned by
             // `shards`) outlives every use of this slice. The contract, as for any buffer
             // consumer, is that no other thread mutates the tensor while it is being saved.
-            let data = unsafe { std::slice::from_raw_parts(buf.buf_ptr() as *const u8, buf.len_bytes()) };
+            let data =
+                unsafe { std::slice::from_raw_parts(buf.buf_ptr() as *const u8, buf.len_bytes()) };
             views.push(TensorView {
                 name: name.clone(),
                 dtype: parse_dtype(dtype)?,
@@ -116,9 +126,15 @@ fn write_bytes_atomic(py: Python<'_>, path: PathBuf, data: Vec<u8>, fsync: bool)
 /// Plans shards: `sizes[i]` and `groups[i]` (None or a group id) per tensor in state-dict order.
 /// Returns `(shards as lists of indices, total_size)`.
 #[pyfunction]
-fn plan_shards(sizes: Vec<u64>, groups: Vec<Option<u64>>, max_shard_size: u64) -> PyResult<(Vec<Vec<usize>>, u64)> {
+fn plan_shards(
+    sizes: Vec<u64>,
+    groups: Vec<Option<u64>>,
+    max_shard_size: u64,
+) -> PyResult<(Vec<Vec<usize>>, u64)> {
     if sizes.len() != groups.len() {
-        return Err(PyValueError::new_err("sizes and groups must have the same length"));
+        return Err(PyValueError::new_err(
+            "sizes and groups must have the same length",
+        ));
     }
     let entries: Vec<PlanEntry> = sizes
         .into_iter()
@@ -154,9 +170,12 @@ fn add_variant(add_variant_name: &str, variant: Option<&str>) -> String {
 
 /// Renders an index file from `metadata` (a JSON object string) and a weight map.
 #[pyfunction]
-fn render_index_json(metadata_json: &str, weight_map: BTreeMap<String, String>) -> PyResult<String> {
-    let meta: BTreeMap<String, serde_json::Value> =
-        serde_json::from_str(metadata_json).map_err(|e| PyValueError::new_err(format!("metadata: {e}")))?;
+fn render_index_json(
+    metadata_json: &str,
+    weight_map: BTreeMap<String, String>,
+) -> PyResult<String> {
+    let meta: BTreeMap<String, serde_json::Value> = serde_json::from_str(metadata_json)
+        .map_err(|e| PyValueError::new_err(format!("metadata: {e}")))?;
     Ok(render_index(&meta, &weight_map))
 }
 
@@ -165,7 +184,13 @@ fn header_to_py<'py>(py: Python<'py>, h: &st::Header) -> PyResult<Bound<'py, PyD
     d.set_item("metadata", h.metadata.clone())?;
     let list = PyList::empty(py);
     for t in &h.tensors {
-        list.append((t.name.as_str(), t.dtype.name(), t.shape.clone(), t.start, t.end))?;
+        list.append((
+            t.name.as_str(),
+            t.dtype.name(),
+            t.shape.clone(),
+            t.start,
+            t.end,
+        ))?;
     }
     d.set_item("tensors", list)?;
     d.set_item("data_start", h.data_start)?;
@@ -224,7 +249,11 @@ impl MappedFile {
 
     /// # Safety
     /// `view` is a valid `Py_buffer` provided by the interpreter.
-    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut pyo3::ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut pyo3::ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
         let (ptr, len) = {
             let me = slf.get();
             (me.ptr, me.len)

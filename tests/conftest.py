@@ -95,3 +95,42 @@ def files_equal(a: Path, b: Path) -> list[str]:
         if not (a / f).is_file() or (a / f).read_bytes() != (b / f).read_bytes():
             out.append(f)
     return out
+
+
+def weight_owner(key: str) -> str | None:
+    """The quantized Linear a bitsandbytes key belongs to (None for ordinary tensors)."""
+    for suffix in (".SCB", ".weight_format"):
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    if ".weight." in key:
+        return key.split(".weight.")[0]
+    return None
+
+
+def split_groups(weight_map: dict[str, str]) -> list[str]:
+    """Quantized weights whose tensors are spread over more than one shard."""
+    out = []
+    for key, fname in weight_map.items():
+        owner = weight_owner(key)
+        if owner is not None and weight_map.get(owner + ".weight") != fname:
+            out.append(owner)
+    return sorted(set(out))
+
+
+def check_against_reference(ours: Path, ref: Path, index_name: str) -> None:
+    """Unsharded or when the reference kept every weight whole: identical bytes. Otherwise the
+    only difference allowed is the deliberate one: the reference split a weight, quantsave did not."""
+    import json
+
+    if not (ref / index_name).is_file():
+        assert files_equal(ours, ref) == []
+        return
+    a = json.loads((ours / index_name).read_text())
+    b = json.loads((ref / index_name).read_text())
+    assert a["metadata"] == b["metadata"]
+    assert set(a["weight_map"]) == set(b["weight_map"])
+    assert split_groups(a["weight_map"]) == []
+    if split_groups(b["weight_map"]):
+        assert (ours / "config.json").read_bytes() == (ref / "config.json").read_bytes()
+    else:
+        assert files_equal(ours, ref) == []

@@ -57,17 +57,21 @@ pub struct Layout {
 /// Computes the header bytes and data offsets for `tensors`.
 ///
 /// Rejects empty or duplicate names and byte lengths that do not match shape and dtype.
-pub fn layout(tensors: &[TensorView<'_>], metadata: Option<&BTreeMap<String, String>>) -> Result<Layout> {
+pub fn layout(
+    tensors: &[TensorView<'_>],
+    metadata: Option<&BTreeMap<String, String>>,
+) -> Result<Layout> {
     let mut order: Vec<usize> = (0..tensors.len()).collect();
     order.sort_by(|&a, &b| {
         let (ta, tb) = (&tensors[a], &tensors[b]);
         tb.dtype.cmp(&ta.dtype).then_with(|| ta.name.cmp(&tb.name))
     });
-    for pair in order.windows(2) {
-        if tensors[pair[0]].name == tensors[pair[1]].name {
+    let mut seen = std::collections::HashSet::with_capacity(tensors.len());
+    for t in tensors {
+        if !seen.insert(t.name.as_str()) {
             return Err(Error::invalid(format!(
                 "tensor name {:?} appears twice in one file",
-                tensors[pair[0]].name
+                t.name
             )));
         }
     }

@@ -57,7 +57,10 @@ impl<'de> serde::Deserialize<'de> for RawHeader {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a JSON object of tensor entries")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<RawHeader, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<RawHeader, A::Error> {
                 let mut seen = HashSet::new();
                 let mut out = Vec::new();
                 while let Some(key) = map.next_key::<String>()? {
@@ -66,7 +69,9 @@ impl<'de> serde::Deserialize<'de> for RawHeader {
                     }
                     if key == "__metadata__" {
                         let m: BTreeMap<String, String> = map.next_value().map_err(|e| {
-                            de::Error::custom(format!("__metadata__ must map strings to strings: {e}"))
+                            de::Error::custom(format!(
+                                "__metadata__ must map strings to strings: {e}"
+                            ))
                         })?;
                         out.push(RawEntry::Meta(m));
                     } else {
@@ -99,14 +104,21 @@ pub fn parse_header(path: &Path, json: &[u8], file_size: u64) -> Result<Header> 
         match entry {
             RawEntry::Meta(m) => metadata = Some(m),
             RawEntry::Tensor(name, info) => {
-                let dtype: Dtype = info.dtype.parse().map_err(|e| bad(format!("tensor {name:?}: {e}")))?;
+                let dtype: Dtype = info
+                    .dtype
+                    .parse()
+                    .map_err(|e| bad(format!("tensor {name:?}: {e}")))?;
                 let (s, e) = info.data_offsets;
                 if e < s {
-                    return Err(bad(format!("tensor {name:?}: data_offsets [{s}, {e}] end before start")));
+                    return Err(bad(format!(
+                        "tensor {name:?}: data_offsets [{s}, {e}] end before start"
+                    )));
                 }
                 let need = numel(&info.shape)
                     .and_then(|n| dtype.byte_size(n))
-                    .ok_or_else(|| bad(format!("tensor {name:?}: shape {:?} overflows", info.shape)))?;
+                    .ok_or_else(|| {
+                        bad(format!("tensor {name:?}: shape {:?} overflows", info.shape))
+                    })?;
                 if need != e - s {
                     return Err(bad(format!(
                         "tensor {name:?}: {dtype} {:?} needs {need} bytes but data_offsets [{s}, {e}] hold {}",
@@ -129,7 +141,11 @@ pub fn parse_header(path: &Path, json: &[u8], file_size: u64) -> Result<Header> 
     let mut cursor = 0u64;
     for t in by_start {
         if t.start != cursor {
-            let what = if t.start < cursor { "overlaps the previous tensor" } else { "leaves a gap" };
+            let what = if t.start < cursor {
+                "overlaps the previous tensor"
+            } else {
+                "leaves a gap"
+            };
             return Err(bad(format!(
                 "tensor {:?}: data_offsets [{}, {}] {what} (expected start {cursor})",
                 t.name, t.start, t.end
@@ -137,7 +153,11 @@ pub fn parse_header(path: &Path, json: &[u8], file_size: u64) -> Result<Header> 
         }
         cursor = t.end;
     }
-    let data_len = file_size - data_start;
+    let data_len = file_size.checked_sub(data_start).ok_or_else(|| {
+        bad(format!(
+            "file of {file_size} bytes is shorter than its {data_start}-byte header"
+        ))
+    })?;
     if cursor != data_len {
         return Err(bad(format!(
             "tensor data ends at byte {cursor} but the file holds {data_len} data bytes (truncated or trailing garbage)"
@@ -181,7 +201,10 @@ fn open_sized(path: &Path) -> Result<(File, u64)> {
     }
     let size = meta.len();
     if size < 8 {
-        return Err(Error::corrupt(path, format!("file is {size} bytes, too small for a header")));
+        return Err(Error::corrupt(
+            path,
+            format!("file is {size} bytes, too small for a header"),
+        ));
     }
     Ok((f, size))
 }
@@ -190,10 +213,12 @@ fn open_sized(path: &Path) -> Result<(File, u64)> {
 pub fn read_header(path: &Path) -> Result<Header> {
     let (mut f, size) = open_sized(path)?;
     let mut prefix = [0u8; 8];
-    f.read_exact(&mut prefix).map_err(|e| Error::io(path, "read", e))?;
+    f.read_exact(&mut prefix)
+        .map_err(|e| Error::io(path, "read", e))?;
     let n = header_len(path, prefix, size)?;
     let mut json = vec![0u8; n as usize];
-    f.read_exact(&mut json).map_err(|e| Error::io(path, "read", e))?;
+    f.read_exact(&mut json)
+        .map_err(|e| Error::io(path, "read", e))?;
     parse_header(path, &json, size)
 }
 
@@ -218,7 +243,8 @@ pub fn map_file(path: &Path) -> Result<MappedFile> {
     // SAFETY: the mapping is private (MAP_PRIVATE), so our writes never reach the file. The
     // header is validated against the size observed at map time; a concurrent truncation of
     // the file by another process is outside the contract (as for every mmap-based reader).
-    let map = unsafe { memmap2::MmapOptions::new().map_copy(&f) }.map_err(|e| Error::io(path, "mmap", e))?;
+    let map = unsafe { memmap2::MmapOptions::new().map_copy(&f) }
+        .map_err(|e| Error::io(path, "mmap", e))?;
     if map.len() as u64 != size {
         return Err(Error::corrupt(path, "file changed size while being mapped"));
     }

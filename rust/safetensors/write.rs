@@ -78,8 +78,8 @@ impl Drop for TempFiles {
 /// Writes every shard and returns the size in bytes of each file.
 ///
 /// All files are written to temporaries first; only when every one is complete (and fsynced,
-/// if asked) are they renamed into place. On any error no target file is touched and the
-/// temporaries are removed.
+/// if asked) are they renamed into place, one by one. An error while writing touches no target
+/// file; whatever fails, no temporary is left behind.
 pub fn write_shards(shards: &[ShardSpec<'_>], opts: &WriteOptions) -> Result<Vec<u64>> {
     let layouts: Vec<Layout> = shards
         .iter()
@@ -114,16 +114,16 @@ pub fn write_shards(shards: &[ShardSpec<'_>], opts: &WriteOptions) -> Result<Vec
             .try_for_each(|(f, s)| f.sync_all().map_err(|e| Error::io(&s.path, "fsync", e)))?;
     }
     drop(files);
-    let mut committed = Vec::new();
-    for (tmp, shard) in temps.0.drain(..).zip(shards) {
-        fs::rename(&tmp, &shard.path).map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            Error::io(&shard.path, "rename", e)
-        })?;
-        committed.push(shard.path.clone());
+    // Commit: rename each temporary into place. A temporary leaves the cleanup list only once
+    // its rename succeeded, so a failure removes every one not yet committed.
+    for shard in shards {
+        let tmp = temps.0[0].clone();
+        fs::rename(&tmp, &shard.path).map_err(|e| Error::io(&shard.path, "rename", e))?;
+        temps.0.remove(0);
     }
     if opts.fsync {
-        let mut dirs: Vec<&Path> = committed.iter().filter_map(|p| p.parent()).collect();
+        let mut dirs: Vec<&Path> = shards.iter().filter_map(|s| s.path.parent()).collect();
+        dirs.sort();
         dirs.dedup();
         for d in dirs {
             sync_dir(d)?;
@@ -162,7 +162,12 @@ fn pieces<'a>(shards: &'a [ShardSpec<'a>], layouts: &'a [Layout], chunk: usize) 
     out
 }
 
-fn write_pwrite(shards: &[ShardSpec<'_>], layouts: &[Layout], files: &[File], chunk: usize) -> Result<()> {
+fn write_pwrite(
+    shards: &[ShardSpec<'_>],
+    layouts: &[Layout],
+    files: &[File],
+    chunk: usize,
+) -> Result<()> {
     pieces(shards, layouts, chunk).par_iter().try_for_each(|p| {
         files[p.file]
             .write_all_at(p.data, p.offset)
@@ -170,13 +175,19 @@ fn write_pwrite(shards: &[ShardSpec<'_>], layouts: &[Layout], files: &[File], ch
     })
 }
 
-fn write_mmap(shards: &[ShardSpec<'_>], layouts: &[Layout], files: &[File], opts: &WriteOptions) -> Result<()> {
+fn write_mmap(
+    shards: &[ShardSpec<'_>],
+    layouts: &[Layout],
+    files: &[File],
+    opts: &WriteOptions,
+) -> Result<()> {
     let mut maps = Vec::with_capacity(files.len());
     for (f, s) in files.iter().zip(shards) {
         // SAFETY: the file was just created by this process with `create_new` under a unique
         // temporary name and is not visible to loaders; nothing else maps or truncates it while
         // the map lives (the map is dropped before the file is renamed).
-        let map = unsafe { memmap2::MmapMut::map_mut(f) }.map_err(|e| Error::io(&s.path, "mmap", e))?;
+        let map =
+            unsafe { memmap2::MmapMut::map_mut(f) }.map_err(|e| Error::io(&s.path, "mmap", e))?;
         maps.push(map);
     }
     // Cut every map into disjoint destination slices, one per piece.
@@ -200,7 +211,8 @@ fn write_mmap(shards: &[ShardSpec<'_>], layouts: &[Layout], files: &[File], opts
             pos = p.offset + p.data.len() as u64;
         }
     }
-    jobs.par_iter_mut().for_each(|(dst, src)| dst.copy_from_slice(src));
+    jobs.par_iter_mut()
+        .for_each(|(dst, src)| dst.copy_from_slice(src));
     if opts.fsync {
         for (m, s) in maps.iter().zip(shards) {
             m.flush().map_err(|e| Error::io(&s.path, "msync", e))?;
@@ -211,7 +223,11 @@ fn write_mmap(shards: &[ShardSpec<'_>], layouts: &[Layout], files: &[File], opts
 
 /// fsyncs a folder so a rename inside it is durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    let d = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let d = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
     File::open(d)
         .and_then(|f| f.sync_all())
         .map_err(|e| Error::io(d, "fsync", e))

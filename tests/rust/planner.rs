@@ -477,7 +477,6 @@ fn render_index_is_valid_json_that_round_trips() {
 /// Python's `ensure_ascii` escapes every character outside U+0020..U+007E, so DEL (U+007F)
 /// becomes `\u007f`; `push_ascii_str` in index.rs only escapes above 0x7f and emits DEL raw.
 #[test]
-#[ignore = "bug in rust/index.rs: U+007F is not escaped as \\u007f like Python's ensure_ascii"]
 fn render_index_escapes_del_like_python() {
     // Python: json.dumps({'metadata': {'total_size': 0}, 'weight_map': {'a\x7f': 'x'}}, indent=2, sort_keys=True)
     let got = render_index(
