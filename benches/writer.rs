@@ -71,11 +71,13 @@ fn bench_write(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(4))
         .throughput(Throughput::Bytes(TOTAL_BYTES));
     let cases = [
+        ("write", WriteStrategy::Write, false, 1),
+        ("write", WriteStrategy::Write, false, 4),
         ("pwrite", WriteStrategy::Pwrite, false, 1),
         ("pwrite", WriteStrategy::Pwrite, false, 4),
         ("mmap", WriteStrategy::Mmap, false, 1),
         ("mmap", WriteStrategy::Mmap, false, 4),
-        ("pwrite_fsync", WriteStrategy::Pwrite, true, 1),
+        ("write_fsync", WriteStrategy::Write, true, 1),
     ];
     for (label, strategy, fsync, count) in cases {
         let opts = WriteOptions {

@@ -63,7 +63,7 @@ type PyShard = (PathBuf, Vec<PyTensor>, Option<BTreeMap<String, String>>);
 /// Writes shards in parallel. `shards` is a list of `(path, tensors, metadata)`; returns the
 /// size of every file written.
 #[pyfunction]
-#[pyo3(signature = (shards, *, fsync=false, strategy="pwrite", chunk_size=16777216))]
+#[pyo3(signature = (shards, *, fsync=false, strategy="write", chunk_size=16777216))]
 fn write_shards(
     py: Python<'_>,
     shards: Vec<PyShard>,
@@ -72,11 +72,12 @@ fn write_shards(
     chunk_size: usize,
 ) -> PyResult<Vec<u64>> {
     let strategy = match strategy {
+        "write" => WriteStrategy::Write,
         "pwrite" => WriteStrategy::Pwrite,
         "mmap" => WriteStrategy::Mmap,
         other => {
             return Err(PyValueError::new_err(format!(
-                "unknown write strategy {other:?}; use 'pwrite' or 'mmap'"
+                "unknown write strategy {other:?}; use 'write', 'pwrite' or 'mmap'"
             )))
         }
     };

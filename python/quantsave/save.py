@@ -54,6 +54,11 @@ class SaveResult:
         )
 
 
+def _fsync_enabled() -> bool:
+    """Whether saves fsync files and folders (``QUANTSAVE_FSYNC=1``); off by default, as in the references."""
+    return os.environ.get("QUANTSAVE_FSYNC", "0").strip().lower() not in ("", "0", "false", "no")
+
+
 def check_file_name(value: str, what: str) -> str:
     """Rejects names that would write outside the target folder."""
     if (
@@ -281,10 +286,10 @@ def save_model(
         if family is TRANSFORMERS:
             index_meta["total_parameters"] = total_parameters(model)
         text = _core.render_index_json(dump_json(index_meta), weight_map)
-        _core.write_bytes_atomic(directory / index_name, text.encode())
+        _core.write_bytes_atomic(directory / index_name, text.encode(), fsync=_fsync_enabled())
         result.files.append(index_name)
     for name, text in json_files.items():
-        _core.write_bytes_atomic(directory / name, text.encode())
+        _core.write_bytes_atomic(directory / name, text.encode(), fsync=_fsync_enabled())
         result.files.append(name)
     _remove_stale(directory, weights_name, variant, set(file_names), index_name if len(shards) == 1 else None)
     result.seconds = time.perf_counter() - t0
@@ -310,7 +315,7 @@ def _write_safetensors(
     def flush() -> None:
         nonlocal batch, batch_bytes
         if batch:
-            result.total_bytes += sum(_core.write_shards(batch))
+            result.total_bytes += sum(_core.write_shards(batch, fsync=_fsync_enabled()))
             if bar is not None:
                 bar.update(len(batch))
         batch, batch_bytes = [], 0
