@@ -63,9 +63,10 @@ def model_config_files(model: nn.Module, family: Family, quant_dict: dict[str, A
         # As transformers' save_pretrained: record the weights dtype and the architecture.
         config.dtype = str(model.dtype).split(".")[1]  # type: ignore[attr-defined]
         config.architectures = [type(model).__name__.removeprefix("FSDP")]
-        if hasattr(config, "quantization_config"):
-            # The caller's dict (or none) takes its place; transformers would serialize it itself.
-            del config.quantization_config
+        for attr in ("quantization_config", "_pre_quantization_dtype"):
+            # The caller's dict (or none) takes the config's place; the dtype is never written.
+            if attr in config.__dict__:
+                delattr(config, attr)
         cfg = json.loads(config.to_json_string(use_diff=True))
         files["config.json"] = dump_json(_with_quant(cfg, quant_dict))
         gen = getattr(model, "generation_config", None)

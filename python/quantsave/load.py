@@ -44,8 +44,11 @@ def _weights_names(config: dict[str, Any] | None) -> list[str]:
     return sorted(set(names), key=lambda n: n != "model.safetensors")
 
 
-def find_weights(directory: Path, variant: str | None = None) -> tuple[list[Path], dict[str, str] | None]:
-    """The shard files of the checkpoint in ``directory`` and, when sharded, its weight map.
+def find_weights(
+    directory: Path, variant: str | None = None
+) -> tuple[list[Path], dict[str, str] | None, Path | None]:
+    """The shard files of the checkpoint in ``directory`` and, when sharded, its weight map and
+    index file.
 
     Raises:
         FileNotFoundError: no weights file.
@@ -57,10 +60,11 @@ def find_weights(directory: Path, variant: str | None = None) -> tuple[list[Path
     for weights_name in dict.fromkeys(_weights_names(config)):
         single = directory / _core.add_variant(weights_name, variant)
         if single.is_file():
-            return [single], None
+            return [single], None, None
         index = directory / _core.index_file_name(weights_name, variant)
         if index.is_file():
-            return _read_index(directory, index)
+            files, weight_map = _read_index(directory, index)
+            return files, weight_map, index
     raise FileNotFoundError(
         f"no safetensors weights in {str(directory)!r}"
         + (f" for variant {variant!r}" if variant else "")
@@ -105,9 +109,9 @@ def load_state_dict(
     """
     path = Path(directory)
     if path.is_file():
-        files, weight_map, config = [path], None, read_config(path.parent)
+        files, weight_map, index, config = [path], None, None, read_config(path.parent)
     else:
-        files, weight_map = find_weights(path, variant)
+        files, weight_map, index = find_weights(path, variant)
         config = read_config(path)
     state_dict: dict[str, torch.Tensor] = {}
     owner: dict[str, Path] = {}
@@ -127,8 +131,8 @@ def load_state_dict(
         missing = [k for k in weight_map if k not in state_dict]
         if missing:
             raise CheckpointError(
-                f"invalid checkpoint in {path}: index names {len(missing)} tensor(s) absent from their shards, "
-                f"e.g. {missing[:3]}"
+                f"invalid checkpoint file {index}: it names {len(missing)} tensor(s) absent from their shards, "
+                f"e.g. {missing[0]!r} in {weight_map[missing[0]]!r}"
             )
     qconfig = None
     if config is not None and config.get("quantization_config") is not None:
@@ -208,16 +212,24 @@ def load_model(
         model = build_skeleton(path if path.is_dir() else path.parent, read_config(path if path.is_dir() else path.parent))
     if qconfig is not None:
         quantizer = get_quantizer(qconfig)
-        rest = quantizer.load_into(model, state_dict)
+        try:
+            rest = quantizer.load_into(model, state_dict)
+        except CheckpointError as e:
+            raise CheckpointError(f"checkpoint in {path}: {e}") from e
     else:
         rest = state_dict
-    expected = set(model.state_dict())
+    expected = model.state_dict()
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     unexpected = [k for k in rest if k not in expected]
     if unexpected:
         raise CheckpointError(
             f"checkpoint in {path} holds {len(unexpected)} tensor(s) the model does not have, e.g. {unexpected[:3]}"
         )
+    for k, t in rest.items():
+        if tuple(t.shape) != tuple(expected[k].shape):
+            raise CheckpointError(
+                f"checkpoint in {path}: tensor {k!r} has shape {list(t.shape)}, the model expects {list(expected[k].shape)}"
+            )
     model.load_state_dict(rest, strict=False, assign=True)
     if callable(getattr(model, "tie_weights", None)) and hasattr(model, "config"):
         model.tie_weights()

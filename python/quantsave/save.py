@@ -156,29 +156,48 @@ def _span_bytes(t: torch.Tensor) -> int:
     return (last + 1) * t.element_size()
 
 
-def _plan_sizes(tensors: list[torch.Tensor]) -> list[int]:
-    """Bytes each tensor counts for in shard planning.
+def _plan_units(keys: list[str], tensors: list[torch.Tensor], groups: dict[str, str]) -> tuple[list[int], list[int | None]]:
+    """Sizes and group ids for the planner.
 
-    As the reference, a tensor counts its whole storage. Two exceptions keep views from counting
-    memory that is not theirs: storages shared by several tensors, and external memory torch did
-    not allocate (non-resizable, e.g. a memory-mapped checkpoint), count the tensor's own bytes.
+    As the reference, a tensor counts its whole storage, and tensors sharing a storage (all
+    empty tensors included) are placed with the first of them and counted once. External memory
+    torch did not allocate (non-resizable, e.g. a memory-mapped checkpoint) is the exception:
+    each tensor counts its own bytes and stands alone. Tensors of one quantized weight
+    (``groups``) are one unit as well.
     """
-    users: dict[tuple[Any, int], int] = {}
-    for t in tensors:
-        if t.numel():
-            key = (t.device, t.untyped_storage().data_ptr())
-            users[key] = users.get(key, 0) + 1
+    parent = list(range(len(keys)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_of: dict[Any, int] = {}
     sizes = []
-    for t in tensors:
-        if not t.numel():
-            sizes.append(0)
-            continue
+    for i, (key, t) in enumerate(zip(keys, tensors)):
         storage = t.untyped_storage()
-        if users[(t.device, storage.data_ptr())] == 1 and storage.resizable():
-            sizes.append(storage.nbytes())
-        else:
+        if t.numel() and not storage.resizable():
             sizes.append(t.numel() * t.element_size())
-    return sizes
+        else:
+            sid = (t.device, storage.data_ptr(), storage.nbytes())
+            if sid in first_of:
+                parent[find(i)] = find(first_of[sid])
+                sizes.append(0)
+            else:
+                first_of[sid] = i
+                sizes.append(storage.nbytes())
+        if key in groups:
+            gid = ("group", groups[key])
+            if gid in first_of:
+                parent[find(i)] = find(first_of[gid])
+            else:
+                first_of[gid] = i
+    roots = [find(i) for i in range(len(keys))]
+    members: dict[int, int] = {}
+    for r in roots:
+        members[r] = members.get(r, 0) + 1
+    return sizes, [r if members[r] > 1 else None for r in roots]
 
 
 def _parse_shard_size(value: int | str | None, family: Family) -> int:
@@ -244,9 +263,7 @@ def save_model(
     dtypes = _check_tensors(state_dict)
     keys = list(state_dict)
     groups = quantizer.weight_groups(keys) if quantizer is not None else {}
-    group_ids: dict[str, int] = {}
-    plan_groups = [group_ids.setdefault(groups[k], len(group_ids)) if k in groups else None for k in keys]
-    sizes = _plan_sizes([state_dict[k] for k in keys])
+    sizes, plan_groups = _plan_units(keys, [state_dict[k] for k in keys], groups)
     shards, total_size = _core.plan_shards(sizes, plan_groups, shard_limit)
     file_names = _core.shard_file_names(weights_name, variant, len(shards))
 
@@ -291,7 +308,7 @@ def save_model(
     for name, text in json_files.items():
         _core.write_bytes_atomic(directory / name, text.encode(), fsync=_fsync_enabled())
         result.files.append(name)
-    _remove_stale(directory, weights_name, variant, set(file_names), index_name if len(shards) == 1 else None)
+    _remove_stale(directory, weights_name, variant, set(file_names), len(shards) > 1, index_name)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -334,8 +351,12 @@ def _write_safetensors(
     flush()
 
 
-def _remove_stale(directory: Path, weights_name: str, variant: str | None, keep: set[str], stale_index: str | None) -> None:
-    """Deletes shard files of an earlier save that this save did not rewrite (as the references do)."""
+def _remove_stale(
+    directory: Path, weights_name: str, variant: str | None, keep: set[str], sharded: bool, index_name: str
+) -> None:
+    """Deletes weights of an earlier save that this save did not rewrite: shards (as the
+    references do), a stale index after an unsharded save, and a stale single file after a
+    sharded save (the references keep it, and loaders then read the old weights)."""
     base = _core.add_variant(weights_name, variant)
     stem, ext = os.path.splitext(base)
     for entry in directory.iterdir():
@@ -344,5 +365,6 @@ def _remove_stale(directory: Path, weights_name: str, variant: str | None, keep:
             continue
         if _SHARD_RE.fullmatch(name[: -len(ext)]) is not None:
             entry.unlink()
-    if stale_index is not None and (directory / stale_index).is_file():
-        (directory / stale_index).unlink()
+    stale = directory / (base if sharded else index_name)
+    if stale.name not in keep and stale.is_file():
+        stale.unlink()

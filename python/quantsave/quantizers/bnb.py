@@ -32,6 +32,7 @@ __all__ = ["BitsAndBytesQuantizer", "import_bnb", "is_bnb_module"]
 
 _QS_KEY = re.compile(r"^(?P<m>.+)\.weight\.quant_state\.bitsandbytes__(?P<t>nf4|fp4)$")
 _SCB_KEY = re.compile(r"^(?P<m>.+)\.SCB$")
+_FOUR_BIT_MEMBERS = {"weight"} | {f"weight.{k}" for k in ("absmax", "quant_map", "nested_absmax", "nested_quant_map")}
 
 
 def import_bnb() -> Any:
@@ -180,6 +181,10 @@ class BitsAndBytesQuantizer(Quantizer):
             t = members[prefix]
             has_bias = old.bias is not None
             if bits == 4:
+                extra = set(t) - _FOUR_BIT_MEMBERS - {f"weight.quant_state.bitsandbytes__{_qtype}"}
+                if "weight" not in t or extra:
+                    what = f"unexpected tensors {sorted(extra)}" if extra else "no packed 'weight' tensor"
+                    raise CheckpointError(f"quantized weight {prefix!r}: {what}")
                 data = t.pop("weight")
                 new = bnb.nn.Linear4bit(
                     old.in_features,
@@ -194,8 +199,10 @@ class BitsAndBytesQuantizer(Quantizer):
                     new.weight = bnb.nn.Params4bit.from_prequantized(
                         data=data, quantized_stats=t, requires_grad=False, device=data.device, module=new
                     )
-                except (KeyError, ValueError, TypeError, RuntimeError) as e:
-                    raise CheckpointError(f"quantized weight {prefix!r}: invalid bitsandbytes state: {e}") from e
+                except Exception as e:  # bitsandbytes reports bad state with asserts, KeyError, AttributeError...
+                    raise CheckpointError(
+                        f"quantized weight {prefix!r}: invalid bitsandbytes state: {type(e).__name__}: {e}"
+                    ) from e
                 shape = tuple(new.weight.quant_state.shape)
                 if shape != (old.out_features, old.in_features):
                     raise CheckpointError(
