@@ -58,7 +58,11 @@ fn opts(strategy: WriteStrategy, fsync: bool, chunk_size: usize) -> WriteOptions
 /// Every combination of strategy, fsync and chunk size worth distinguishing.
 fn all_options() -> Vec<WriteOptions> {
     let mut out = Vec::new();
-    for strategy in [WriteStrategy::Write, WriteStrategy::Pwrite, WriteStrategy::Mmap] {
+    for strategy in [
+        WriteStrategy::Write,
+        WriteStrategy::Pwrite,
+        WriteStrategy::Mmap,
+    ] {
         for fsync in [false, true] {
             for chunk in [1, 4096, 16 << 20] {
                 out.push(opts(strategy, fsync, chunk));
@@ -490,7 +494,11 @@ fn many_shards_many_tensors_round_trip_with_tiny_chunks() {
     let payloads: Vec<Vec<u8>> = (0..40)
         .map(|i| noise(4096 * (i % 5) + 3 * i, i as u64))
         .collect();
-    for strategy in [WriteStrategy::Write, WriteStrategy::Pwrite, WriteStrategy::Mmap] {
+    for strategy in [
+        WriteStrategy::Write,
+        WriteStrategy::Pwrite,
+        WriteStrategy::Mmap,
+    ] {
         let dir = TempDir::new().unwrap();
         let shards: Vec<ShardSpec<'_>> = (0..8)
             .map(|s| {
