@@ -174,18 +174,23 @@ fn pieces<'a>(shards: &'a [ShardSpec<'a>], layouts: &'a [Layout], chunk: usize) 
 }
 
 fn write_sequential(shards: &[ShardSpec<'_>], layouts: &[Layout], files: &[File]) -> Result<()> {
+    let write_one = |file: &File, shard: &ShardSpec<'_>, lay: &Layout| {
+        let io = |e| Error::io(&shard.path, "write", e);
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        w.write_all(&lay.header).map_err(io)?;
+        for &i in &lay.order {
+            w.write_all(shard.tensors[i].data).map_err(io)?;
+        }
+        w.flush().map_err(io)
+    };
+    if files.len() == 1 {
+        // One file gains nothing from the pool: write it on the calling thread.
+        return write_one(&files[0], &shards[0], &layouts[0]);
+    }
     files
         .par_iter()
         .zip(shards.par_iter().zip(layouts.par_iter()))
-        .try_for_each(|(file, (shard, lay))| {
-            let io = |e| Error::io(&shard.path, "write", e);
-            let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-            w.write_all(&lay.header).map_err(io)?;
-            for &i in &lay.order {
-                w.write_all(shard.tensors[i].data).map_err(io)?;
-            }
-            w.flush().map_err(io)
-        })
+        .try_for_each(|(file, (shard, lay))| write_one(file, shard, lay))
 }
 
 fn write_pwrite(
