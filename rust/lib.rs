@@ -1,7 +1,8 @@
-//! quantsave's Rust core: the safetensors container (write, read, validate), shard planning and
-//! the shard index. A plain library with no Python in it; the PyO3 binding lives in `python`
+//! quantsave's Rust core: the 4-bit/8-bit codecs, the safetensors container (write, read,
+//! validate), shard planning and the shard index. A plain library with no Python in it; the PyO3 binding lives in `python`
 //! behind the `python` cargo feature.
 
+pub mod codec;
 pub mod dtype;
 pub mod error;
 pub mod index;

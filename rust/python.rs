@@ -12,6 +12,7 @@ use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyPermissionError, PyValu
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
+use crate::codec::{self, Floats, FloatsMut, Nibble4Layout, QuantType};
 use crate::dtype::Dtype;
 use crate::error::Error;
 use crate::index::render_index;
@@ -282,6 +283,157 @@ impl MappedFile {
     unsafe fn __releasebuffer__(&self, _view: *mut pyo3::ffi::Py_buffer) {}
 }
 
+/// A read-only byte view of a contiguous buffer.
+fn buf_ref(buf: &PyBuffer<u8>) -> PyResult<&[u8]> {
+    if !buf.is_c_contiguous() {
+        return Err(PyValueError::new_err("buffer is not contiguous"));
+    }
+    // SAFETY: a contiguous buffer of `len_bytes()` bytes that its exporter keeps alive and in
+    // place until `buf` is released; the slice borrows `buf`, so it cannot outlive it.
+    Ok(unsafe { std::slice::from_raw_parts(buf.buf_ptr() as *const u8, buf.len_bytes()) })
+}
+
+/// A writable byte view of a contiguous buffer.
+#[allow(clippy::mut_from_ref)]
+fn buf_mut(buf: &PyBuffer<u8>) -> PyResult<&mut [u8]> {
+    if buf.readonly() || !buf.is_c_contiguous() {
+        return Err(PyValueError::new_err(
+            "output buffer must be writable and contiguous",
+        ));
+    }
+    // SAFETY: as in `buf_ref`, and the exporter granted write access. Each output buffer is
+    // viewed once per call; the caller must not pass the same memory as input and output.
+    Ok(unsafe { std::slice::from_raw_parts_mut(buf.buf_ptr() as *mut u8, buf.len_bytes()) })
+}
+
+fn cast<'a, T: bytemuck::Pod>(bytes: &'a [u8], what: &str) -> PyResult<&'a [T]> {
+    bytemuck::try_cast_slice(bytes)
+        .map_err(|e| PyValueError::new_err(format!("{what}: {e:?} (size or alignment)")))
+}
+
+fn cast_mut<'a, T: bytemuck::Pod>(bytes: &'a mut [u8], what: &str) -> PyResult<&'a mut [T]> {
+    bytemuck::try_cast_slice_mut(bytes)
+        .map_err(|e| PyValueError::new_err(format!("{what}: {e:?} (size or alignment)")))
+}
+
+fn floats<'a>(bytes: &'a [u8], dtype: &str) -> PyResult<Floats<'a>> {
+    Ok(match dtype {
+        "F32" => Floats::F32(cast(bytes, "input")?),
+        "BF16" => Floats::Bf16(cast(bytes, "input")?),
+        "F16" => Floats::F16(cast(bytes, "input")?),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "dtype must be F32, BF16 or F16, got {other:?}"
+            )))
+        }
+    })
+}
+
+/// Blockwise 4-bit quantization into preallocated `packed` (uint8) and `absmax` (float32).
+#[pyfunction]
+fn quantize_4bit(
+    py: Python<'_>,
+    input: PyBuffer<u8>,
+    dtype: &str,
+    packed: PyBuffer<u8>,
+    absmax: PyBuffer<u8>,
+    blocksize: usize,
+    quant_type: &str,
+) -> PyResult<()> {
+    let qt: QuantType = quant_type.parse().map_err(to_py)?;
+    let x = floats(buf_ref(&input)?, dtype)?;
+    let p = buf_mut(&packed)?;
+    let a: &mut [f32] = cast_mut(buf_mut(&absmax)?, "absmax")?;
+    detached(py, || {
+        codec::quantize_4bit(x, blocksize, qt, Nibble4Layout::HighFirst, p, a)
+    })
+}
+
+/// Dequantizes packed 4-bit codes into a preallocated `out` of `out_dtype`.
+#[pyfunction]
+fn dequantize_4bit(
+    py: Python<'_>,
+    packed: PyBuffer<u8>,
+    absmax: PyBuffer<u8>,
+    out: PyBuffer<u8>,
+    out_dtype: &str,
+    blocksize: usize,
+    quant_type: &str,
+) -> PyResult<()> {
+    let qt: QuantType = quant_type.parse().map_err(to_py)?;
+    let p = buf_ref(&packed)?;
+    let a: &[f32] = cast(buf_ref(&absmax)?, "absmax")?;
+    let o = buf_mut(&out)?;
+    let target = match out_dtype {
+        "F32" => FloatsMut::F32(cast_mut(o, "out")?),
+        "BF16" => FloatsMut::Bf16(cast_mut(o, "out")?),
+        "F16" => FloatsMut::F16(cast_mut(o, "out")?),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "out_dtype must be F32, BF16 or F16, got {other:?}"
+            )))
+        }
+    };
+    detached(py, || {
+        codec::dequantize_4bit(p, a, blocksize, qt, Nibble4Layout::HighFirst, target)
+    })
+}
+
+/// Nested quantization of float32 `values - offset` with the dynamic map: `(codes, absmax)` bytes.
+#[pyfunction]
+fn quantize_dynamic(
+    py: Python<'_>,
+    values: PyBuffer<u8>,
+    offset: f32,
+    blocksize: usize,
+) -> PyResult<(Vec<u8>, Vec<u8>)> {
+    let v: &[f32] = cast(buf_ref(&values)?, "values")?;
+    let (codes, absmax) = detached(py, || codec::quantize_dynamic(v, offset, blocksize))?;
+    Ok((codes, bytemuck::cast_slice(&absmax).to_vec()))
+}
+
+/// Undoes `quantize_dynamic`: float32 bytes.
+#[pyfunction]
+fn dequantize_dynamic(
+    codes: PyBuffer<u8>,
+    absmax: PyBuffer<u8>,
+    offset: f32,
+    blocksize: usize,
+) -> PyResult<Vec<u8>> {
+    let a: &[f32] = cast(buf_ref(&absmax)?, "absmax")?;
+    let out = codec::dequantize_dynamic(buf_ref(&codes)?, a, offset, blocksize).map_err(to_py)?;
+    Ok(bytemuck::cast_slice(&out).to_vec())
+}
+
+/// The dynamic map as float32 bytes.
+#[pyfunction]
+fn dynamic_map() -> Vec<u8> {
+    bytemuck::cast_slice(&codec::dynamic_map()).to_vec()
+}
+
+/// The 4-bit code table as float32 bytes.
+#[pyfunction]
+fn code_4bit(quant_type: &str) -> PyResult<Vec<u8>> {
+    let qt: QuantType = quant_type.parse().map_err(to_py)?;
+    Ok(bytemuck::cast_slice(&qt.code()).to_vec())
+}
+
+/// LLM.int8() row-wise quantization of a float16 matrix into preallocated int8 `q` and float32 `scb`.
+#[pyfunction]
+fn quantize_int8_rows(
+    py: Python<'_>,
+    input: PyBuffer<u8>,
+    rows: usize,
+    cols: usize,
+    q: PyBuffer<u8>,
+    scb: PyBuffer<u8>,
+) -> PyResult<()> {
+    let x: &[u16] = cast(buf_ref(&input)?, "input")?;
+    let qo: &mut [i8] = cast_mut(buf_mut(&q)?, "q")?;
+    let so: &mut [f32] = cast_mut(buf_mut(&scb)?, "scb")?;
+    detached(py, || codec::quantize_int8_rows(x, rows, cols, qo, so))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CheckpointError", m.py().get_type::<CheckpointError>())?;
@@ -296,5 +448,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(render_index_json, m)?)?;
     m.add_function(wrap_pyfunction!(read_header, m)?)?;
     m.add_class::<MappedFile>()?;
+    m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_dynamic, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize_dynamic, m)?)?;
+    m.add_function(wrap_pyfunction!(dynamic_map, m)?)?;
+    m.add_function(wrap_pyfunction!(code_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_int8_rows, m)?)?;
     Ok(())
 }

@@ -1,0 +1,462 @@
+//! Blockwise quantization codecs, bit-compatible with bitsandbytes on the CPU: 4-bit nf4/fp4
+//! (quantize, dequantize, nibble packing), the signed dynamic 8-bit map used to double-quantize
+//! absmax, and LLM.int8() row-wise quantization. Pure functions over slices, parallel over
+//! blocks with rayon; knows nothing about files or Python.
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// bitsandbytes' nf4 code table (sorted ascending), as f32 bit patterns.
+const NF4_BITS: [u32; 16] = [
+    0xbf800000, 0xbf3239b1, 0xbf066b30, 0xbeca32a0, 0xbe91a24d, 0xbe3d353f, 0xbdba7871, 0x00000000,
+    0x3da2faff, 0x3e24cae3, 0x3e7c04dd, 0x3ead033a, 0x3ee1a4b8, 0x3f1007ab, 0x3f3913b3, 0x3f800000,
+];
+/// bitsandbytes' fp4 code table, indexed by code (bit 3 is the sign), as f32 bit patterns.
+const FP4_BITS: [u32; 16] = [
+    0x00000000, 0x3baaaaab, 0x3f2aaaab, 0x3f800000, 0x3eaaaaab, 0x3f000000, 0x3e2aaaab, 0x3e800000,
+    0x00000000, 0xbbaaaaab, 0xbf2aaaab, 0xbf800000, 0xbeaaaaab, 0xbf000000, 0xbe2aaaab, 0xbe800000,
+];
+/// bitsandbytes' signed dynamic map (`create_dynamic_map()`, 256 sorted values), as f32 bits.
+const DYNAMIC_BITS: [u32; 256] = [
+    0xbf7e3333, 0xbf7a999a, 0xbf770000, 0xbf736666, 0xbf6fcccd, 0xbf6c3333, 0xbf68999a, 0xbf650000,
+    0xbf616666, 0xbf5dcccd, 0xbf5a3333, 0xbf56999a, 0xbf530000, 0xbf4f6666, 0xbf4bcccd, 0xbf483333,
+    0xbf44999a, 0xbf410000, 0xbf3d6666, 0xbf39cccd, 0xbf363334, 0xbf32999a, 0xbf2f0000, 0xbf2b6666,
+    0xbf27cccd, 0xbf243334, 0xbf20999a, 0xbf1d0000, 0xbf196666, 0xbf15cccd, 0xbf123334, 0xbf0e999a,
+    0xbf0b0000, 0xbf076666, 0xbf03cccc, 0xbf003333, 0xbef93332, 0xbef20000, 0xbeeacccc, 0xbee3999a,
+    0xbedc6666, 0xbed53333, 0xbece0000, 0xbec6cccc, 0xbebf999a, 0xbeb86666, 0xbeb13333, 0xbeaa0000,
+    0xbea2cccc, 0xbe9b999a, 0xbe946666, 0xbe8d3334, 0xbe860000, 0xbe7d9999, 0xbe6f3333, 0xbe60cccd,
+    0xbe526666, 0xbe440000, 0xbe35999a, 0xbe273333, 0xbe18cccd, 0xbe0a6666, 0xbdf80000, 0xbddb3334,
+    0xbdc9eb85, 0xbdc428f7, 0xbdbe6667, 0xbdb8a3d7, 0xbdb2e148, 0xbdad1eb8, 0xbda75c2a, 0xbda1999a,
+    0xbd9bd70a, 0xbd96147b, 0xbd9051eb, 0xbd8a8f5d, 0xbd84cccd, 0xbd7e147b, 0xbd728f5d, 0xbd670a3d,
+    0xbd5b851f, 0xbd500000, 0xbd447ae1, 0xbd38f5c3, 0xbd2d70a3, 0xbd21eb85, 0xbd166667, 0xbd0ae148,
+    0xbcfeb852, 0xbce7ae15, 0xbcd0a3d7, 0xbcb9999a, 0xbca28f5d, 0xbc8b851f, 0xbc68f5c3, 0xbc3ae148,
+    0xbc1f3b64, 0xbc160418, 0xbc0ccccd, 0xbc039581, 0xbbf4bc6a, 0xbbe24dd3, 0xbbcfdf3b, 0xbbbd70a4,
+    0xbbab020d, 0xbb989374, 0xbb8624dd, 0xbb676c8a, 0xbb428f5c, 0xbb1db22d, 0xbaf1a9fc, 0xbaa7ef9d,
+    0xba7765ff, 0xba59e83e, 0xba3c6a80, 0xba1eecc1, 0xba016f01, 0xb9c7e283, 0xb98ce705, 0xb923d70b,
+    0xb8ba1f4b, 0xb88aefb3, 0xb8378034, 0xb7b24206, 0xb70205ff, 0xb65a1a94, 0xb513a3b7, 0x00000000,
+    0x3513a3b7, 0x365a1a94, 0x370205ff, 0x37b24206, 0x38378034, 0x388aefb3, 0x38ba1f4b, 0x3923d70b,
+    0x398ce705, 0x39c7e283, 0x3a016f01, 0x3a1eecc1, 0x3a3c6a80, 0x3a59e83e, 0x3a7765ff, 0x3aa7ef9d,
+    0x3af1a9fc, 0x3b1db22d, 0x3b428f5c, 0x3b676c8a, 0x3b8624dd, 0x3b989374, 0x3bab020d, 0x3bbd70a4,
+    0x3bcfdf3b, 0x3be24dd3, 0x3bf4bc6a, 0x3c039581, 0x3c0ccccd, 0x3c160418, 0x3c1f3b64, 0x3c3ae148,
+    0x3c68f5c3, 0x3c8b851f, 0x3ca28f5d, 0x3cb9999a, 0x3cd0a3d7, 0x3ce7ae15, 0x3cfeb852, 0x3d0ae148,
+    0x3d166667, 0x3d21eb85, 0x3d2d70a3, 0x3d38f5c3, 0x3d447ae1, 0x3d500000, 0x3d5b851f, 0x3d670a3d,
+    0x3d728f5d, 0x3d7e147b, 0x3d84cccd, 0x3d8a8f5d, 0x3d9051eb, 0x3d96147b, 0x3d9bd70a, 0x3da1999a,
+    0x3da75c2a, 0x3dad1eb8, 0x3db2e148, 0x3db8a3d7, 0x3dbe6667, 0x3dc428f7, 0x3dc9eb85, 0x3ddb3334,
+    0x3df80000, 0x3e0a6666, 0x3e18cccd, 0x3e273333, 0x3e35999a, 0x3e440000, 0x3e526666, 0x3e60cccd,
+    0x3e6f3333, 0x3e7d9999, 0x3e860000, 0x3e8d3334, 0x3e946666, 0x3e9b999a, 0x3ea2cccc, 0x3eaa0000,
+    0x3eb13333, 0x3eb86666, 0x3ebf999a, 0x3ec6cccc, 0x3ece0000, 0x3ed53333, 0x3edc6666, 0x3ee3999a,
+    0x3eeacccc, 0x3ef20000, 0x3ef93332, 0x3f003333, 0x3f03cccc, 0x3f076666, 0x3f0b0000, 0x3f0e999a,
+    0x3f123334, 0x3f15cccd, 0x3f196666, 0x3f1d0000, 0x3f20999a, 0x3f243334, 0x3f27cccd, 0x3f2b6666,
+    0x3f2f0000, 0x3f32999a, 0x3f363334, 0x3f39cccd, 0x3f3d6666, 0x3f410000, 0x3f44999a, 0x3f483333,
+    0x3f4bcccd, 0x3f4f6666, 0x3f530000, 0x3f56999a, 0x3f5a3333, 0x3f5dcccd, 0x3f616666, 0x3f650000,
+    0x3f68999a, 0x3f6c3333, 0x3f6fcccd, 0x3f736666, 0x3f770000, 0x3f7a999a, 0x3f7e3333, 0x3f800000,
+];
+/// fp4 magnitude codes (sign bit clear) in ascending order of their value.
+const FP4_POSITIVE_ORDER: [u8; 8] = [0, 1, 6, 7, 4, 5, 2, 3];
+
+/// The 4-bit data types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantType {
+    /// NormalFloat4: 16 quantiles of a normal distribution, code = index in sorted order.
+    Nf4,
+    /// FP4 (e2m1 with bitsandbytes' bias): bit 3 is the sign, bits 0-2 the magnitude.
+    Fp4,
+}
+
+impl QuantType {
+    /// The code table: value of each 4-bit code.
+    pub fn code(self) -> [f32; 16] {
+        let bits = match self {
+            QuantType::Nf4 => &NF4_BITS,
+            QuantType::Fp4 => &FP4_BITS,
+        };
+        bits.map(f32::from_bits)
+    }
+
+    /// `"nf4"` or `"fp4"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantType::Nf4 => "nf4",
+            QuantType::Fp4 => "fp4",
+        }
+    }
+}
+
+impl std::str::FromStr for QuantType {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "nf4" => Ok(QuantType::Nf4),
+            "fp4" => Ok(QuantType::Fp4),
+            other => Err(Error::invalid(format!(
+                "quant_type must be 'nf4' or 'fp4', got {other:?}"
+            ))),
+        }
+    }
+}
+
+/// How two 4-bit codes share a byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nibble4Layout {
+    /// bitsandbytes: element `2k` in the high nibble, `2k + 1` in the low nibble; an odd count
+    /// pads the last low nibble with the code of 0.0. Codes `[0x1, 0x2, 0x3]` (nf4) pack to
+    /// `[0x12, 0x37]` (0x7 is nf4's code for 0.0).
+    HighFirst,
+}
+
+/// The signed dynamic 8-bit map bitsandbytes uses for nested (double) quantization.
+pub fn dynamic_map() -> [f32; 256] {
+    DYNAMIC_BITS.map(f32::from_bits)
+}
+
+/// Input elements of a floating type.
+#[derive(Debug, Clone, Copy)]
+pub enum Floats<'a> {
+    F32(&'a [f32]),
+    /// bfloat16 bit patterns.
+    Bf16(&'a [u16]),
+    /// IEEE half bit patterns.
+    F16(&'a [u16]),
+}
+
+impl Floats<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Floats::F32(x) => x.len(),
+            Floats::Bf16(x) | Floats::F16(x) => x.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies elements `start..start + out.len()` into `out` as f32.
+    fn load(&self, start: usize, out: &mut [f32]) {
+        let n = out.len();
+        match self {
+            Floats::F32(x) => out.copy_from_slice(&x[start..start + n]),
+            Floats::Bf16(x) => {
+                for (o, &b) in out.iter_mut().zip(&x[start..start + n]) {
+                    *o = f32::from_bits((b as u32) << 16);
+                }
+            }
+            Floats::F16(x) => {
+                for (o, &b) in out.iter_mut().zip(&x[start..start + n]) {
+                    *o = half::f16::from_bits(b).to_f32();
+                }
+            }
+        }
+    }
+}
+
+/// Output elements of a floating type.
+#[derive(Debug)]
+pub enum FloatsMut<'a> {
+    F32(&'a mut [f32]),
+    Bf16(&'a mut [u16]),
+    F16(&'a mut [u16]),
+}
+
+fn check_blocksize(blocksize: usize) -> Result<()> {
+    if !(32..=4096).contains(&blocksize) || !blocksize.is_power_of_two() {
+        return Err(Error::invalid(format!(
+            "blocksize must be a power of two in 32..=4096, got {blocksize}"
+        )));
+    }
+    Ok(())
+}
+
+/// Sorted decision bounds (midpoints of neighbouring codes, computed in f32 like bitsandbytes).
+fn midpoints(sorted: &[f32]) -> Vec<f32> {
+    sorted.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect()
+}
+
+/// Number of packed bytes for `n` 4-bit codes.
+pub fn packed_len(n: usize) -> usize {
+    n.div_ceil(2)
+}
+
+/// Number of blocks for `n` elements.
+pub fn num_blocks(n: usize, blocksize: usize) -> usize {
+    n.div_ceil(blocksize)
+}
+
+/// Quantizes `input` blockwise to 4-bit codes, bitsandbytes' way.
+///
+/// Per block: `absmax = max |x|`; full blocks scale with `x * (1 / absmax)`, the last partial
+/// block with `x / absmax` (both in f32, absmax clamped to 1e-38, results clamped to [-1, 1]);
+/// each value takes the nearest code, ties to the lower code. For fp4, a value that rounds to
+/// zero gets the sign bit when `x < 0` (bitsandbytes' CUDA rule; its CPU path sets it for
+/// small positive values instead). The stored absmax of the last partial block is the clamped one.
+///
+/// `packed` must hold `packed_len(n)` bytes and `absmax` `num_blocks(n, blocksize)` floats.
+/// Non-finite input is an error.
+pub fn quantize_4bit(
+    input: Floats<'_>,
+    blocksize: usize,
+    quant_type: QuantType,
+    layout: Nibble4Layout,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+) -> Result<()> {
+    check_blocksize(blocksize)?;
+    let Nibble4Layout::HighFirst = layout;
+    let n = input.len();
+    if packed.len() != packed_len(n) || absmax.len() != num_blocks(n, blocksize) {
+        return Err(Error::invalid(format!(
+            "output sizes: packed {} (need {}), absmax {} (need {})",
+            packed.len(),
+            packed_len(n),
+            absmax.len(),
+            num_blocks(n, blocksize)
+        )));
+    }
+    let code = quant_type.code();
+    let bounds: Vec<f32> = match quant_type {
+        QuantType::Nf4 => midpoints(&code),
+        QuantType::Fp4 => midpoints(&FP4_POSITIVE_ORDER.map(|c| code[c as usize])),
+    };
+    let zero_code = encode(0.0, quant_type, &bounds);
+    let blocks_per_task = (1 << 16) / blocksize.max(1) + 1;
+    let bytes_per_block = blocksize / 2;
+    let bad = std::sync::atomic::AtomicBool::new(false);
+    packed
+        .par_chunks_mut(blocks_per_task * bytes_per_block)
+        .zip(absmax.par_chunks_mut(blocks_per_task))
+        .enumerate()
+        .for_each(|(task, (out, amax))| {
+            let mut buf = vec![0f32; blocksize];
+            for (b, am) in amax.iter_mut().enumerate() {
+                let start = (task * blocks_per_task + b) * blocksize;
+                let len = blocksize.min(n - start);
+                let x = &mut buf[..len];
+                input.load(start, x);
+                let m = x.iter().fold(0f32, |acc, v| acc.max(v.abs()));
+                if !m.is_finite() || x.iter().any(|v| v.is_nan()) {
+                    bad.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                }
+                let clamped = m.max(1e-38);
+                if len == blocksize {
+                    *am = m;
+                    let inv = 1.0 / clamped;
+                    for v in x.iter_mut() {
+                        *v = (*v * inv).clamp(-1.0, 1.0);
+                    }
+                } else {
+                    *am = clamped;
+                    for v in x.iter_mut() {
+                        *v = (*v / clamped).clamp(-1.0, 1.0);
+                    }
+                }
+                let bytes = &mut out[b * bytes_per_block..(b * bytes_per_block + len.div_ceil(2))];
+                for (k, byte) in bytes.iter_mut().enumerate() {
+                    let hi = encode(x[2 * k], quant_type, &bounds);
+                    let lo = if 2 * k + 1 < len {
+                        encode(x[2 * k + 1], quant_type, &bounds)
+                    } else {
+                        zero_code
+                    };
+                    *byte = (hi << 4) | lo;
+                }
+            }
+        });
+    if bad.into_inner() {
+        return Err(Error::invalid("cannot quantize NaN or infinite values"));
+    }
+    Ok(())
+}
+
+/// The code of one scaled value in [-1, 1].
+#[inline]
+fn encode(x: f32, quant_type: QuantType, bounds: &[f32]) -> u8 {
+    match quant_type {
+        // Index of the first bound >= x: ties go to the lower code.
+        QuantType::Nf4 => bounds.iter().map(|&b| (x > b) as u8).sum(),
+        QuantType::Fp4 => {
+            let mag = x.abs();
+            let idx: u8 = if x < 0.0 {
+                // Mirrored: ties go to the more negative (larger magnitude) code.
+                bounds.iter().map(|&b| (mag >= b) as u8).sum()
+            } else {
+                bounds.iter().map(|&b| (mag > b) as u8).sum()
+            };
+            FP4_POSITIVE_ORDER[idx as usize] | if x < 0.0 { 8 } else { 0 }
+        }
+    }
+}
+
+/// Dequantizes 4-bit codes: `code[c] * absmax[block]` in f32, then rounded (to nearest even)
+/// to the output type.
+pub fn dequantize_4bit(
+    packed: &[u8],
+    absmax: &[f32],
+    blocksize: usize,
+    quant_type: QuantType,
+    layout: Nibble4Layout,
+    out: FloatsMut<'_>,
+) -> Result<()> {
+    check_blocksize(blocksize)?;
+    let Nibble4Layout::HighFirst = layout;
+    let n = match &out {
+        FloatsMut::F32(o) => o.len(),
+        FloatsMut::Bf16(o) | FloatsMut::F16(o) => o.len(),
+    };
+    if packed.len() != packed_len(n) || absmax.len() != num_blocks(n, blocksize) {
+        return Err(Error::invalid(format!(
+            "input sizes: packed {} (need {}), absmax {} (need {}) for {n} values",
+            packed.len(),
+            packed_len(n),
+            absmax.len(),
+            num_blocks(n, blocksize)
+        )));
+    }
+    let code = quant_type.code();
+    let value = |i: usize| -> f32 {
+        let byte = packed[i / 2];
+        let c = if i % 2 == 0 { byte >> 4 } else { byte & 0xF };
+        code[c as usize] * absmax[i / blocksize]
+    };
+    let task = blocksize * 256;
+    match out {
+        FloatsMut::F32(o) => o.par_chunks_mut(task).enumerate().for_each(|(t, chunk)| {
+            for (j, v) in chunk.iter_mut().enumerate() {
+                *v = value(t * task + j);
+            }
+        }),
+        FloatsMut::Bf16(o) => o.par_chunks_mut(task).enumerate().for_each(|(t, chunk)| {
+            for (j, v) in chunk.iter_mut().enumerate() {
+                *v = half::bf16::from_f32(value(t * task + j)).to_bits();
+            }
+        }),
+        FloatsMut::F16(o) => o.par_chunks_mut(task).enumerate().for_each(|(t, chunk)| {
+            for (j, v) in chunk.iter_mut().enumerate() {
+                *v = half::f16::from_f32(value(t * task + j)).to_bits();
+            }
+        }),
+    }
+    Ok(())
+}
+
+/// Quantizes `values - offset` blockwise with the signed dynamic map (nested quantization of
+/// absmax): per block `absmax = max |v|`, `v / absmax`, nearest map entry (ties to the lower).
+/// Returns the codes and the per-block absmax.
+pub fn quantize_dynamic(
+    values: &[f32],
+    offset: f32,
+    blocksize: usize,
+) -> Result<(Vec<u8>, Vec<f32>)> {
+    if blocksize == 0 {
+        return Err(Error::invalid("blocksize must be positive"));
+    }
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(Error::invalid("cannot quantize NaN or infinite values"));
+    }
+    let map = dynamic_map();
+    let mut codes = vec![0u8; values.len()];
+    let mut absmax = vec![0f32; num_blocks(values.len(), blocksize)];
+    codes
+        .par_chunks_mut(blocksize)
+        .zip(values.par_chunks(blocksize))
+        .zip(absmax.par_iter_mut())
+        .for_each(|((out, vals), am)| {
+            let m = vals
+                .iter()
+                .fold(f32::MIN, |acc, v| acc.max((v - offset).abs()));
+            *am = m;
+            for (o, &v) in out.iter_mut().zip(vals) {
+                let normed = (v - offset) / m;
+                let mut idx = map.partition_point(|&c| c <= normed).saturating_sub(1);
+                if idx < 255 && (normed - map[idx + 1]).abs() < (normed - map[idx]).abs() {
+                    idx += 1;
+                }
+                *o = idx as u8;
+            }
+        });
+    Ok((codes, absmax))
+}
+
+/// Undoes [`quantize_dynamic`]: `map[c] * absmax[block] + offset`.
+pub fn dequantize_dynamic(
+    codes: &[u8],
+    absmax: &[f32],
+    offset: f32,
+    blocksize: usize,
+) -> Result<Vec<f32>> {
+    if blocksize == 0 || absmax.len() != num_blocks(codes.len(), blocksize) {
+        return Err(Error::invalid("absmax does not match codes and blocksize"));
+    }
+    let map = dynamic_map();
+    Ok(codes
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| map[c as usize] * absmax[i / blocksize] + offset)
+        .collect())
+}
+
+/// LLM.int8() row-wise quantization of a `rows x cols` half-precision matrix, bitsandbytes'
+/// way: `SCB[r] = max |x|` of the row, `q = round_half_even(x * ((1 / SCB[r]) * 127))` in f32.
+pub fn quantize_int8_rows(
+    input: &[u16],
+    rows: usize,
+    cols: usize,
+    q: &mut [i8],
+    scb: &mut [f32],
+) -> Result<()> {
+    if input.len() != rows * cols || q.len() != input.len() || scb.len() != rows {
+        return Err(Error::invalid(
+            "int8 quantization: buffer sizes do not match rows x cols",
+        ));
+    }
+    if cols == 0 {
+        scb.fill(0.0);
+        return Ok(());
+    }
+    let bad = std::sync::atomic::AtomicBool::new(false);
+    q.par_chunks_mut(cols)
+        .zip(input.par_chunks(cols))
+        .zip(scb.par_iter_mut())
+        .for_each(|((out, row), s)| {
+            let vals: Vec<f32> = row
+                .iter()
+                .map(|&b| half::f16::from_bits(b).to_f32())
+                .collect();
+            let m = vals.iter().fold(0f32, |acc, v| acc.max(v.abs()));
+            if !m.is_finite() || vals.iter().any(|v| v.is_nan()) {
+                bad.store(true, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+            *s = m;
+            // As torch evaluates `127.0 / row_stats`: reciprocal first, then the scalar product.
+            let scale = (1.0 / m) * 127.0;
+            for (o, v) in out.iter_mut().zip(&vals) {
+                let r = (v * scale).round_ties_even();
+                *o = if r.is_nan() { 0 } else { r as i8 };
+            }
+        });
+    if bad.into_inner() {
+        return Err(Error::invalid("cannot quantize NaN or infinite values"));
+    }
+    Ok(())
+}
+
+/// Undoes [`quantize_int8_rows`]: `q * SCB[r] / 127` in f32.
+pub fn dequantize_int8_rows(q: &[i8], scb: &[f32], cols: usize, out: &mut [f32]) -> Result<()> {
+    if cols == 0 || q.len() != out.len() || q.len() != scb.len() * cols {
+        return Err(Error::invalid(
+            "int8 dequantization: buffer sizes do not match",
+        ));
+    }
+    out.par_chunks_mut(cols)
+        .zip(q.par_chunks(cols))
+        .zip(scb.par_iter())
+        .for_each(|((o, row), &s)| {
+            for (v, &c) in o.iter_mut().zip(row) {
+                *v = c as f32 * s / 127.0;
+            }
+        });
+    Ok(())
+}
