@@ -105,9 +105,11 @@ def test_load_into_meta_skeleton_and_resave(quantized, tmp_path, llama_ids) -> N
     assert (tmp_path / "a" / "config.json").read_bytes() == (tmp_path / "b" / "config.json").read_bytes()
 
 
-def test_hand_quantized_llama_matches_from_pretrained(llama_dir, tmp_path, llama_ids) -> None:  # type: ignore[no-untyped-def]
-    """``quantsave.quantize`` on a float transformers model writes what transformers writes."""
-    qc = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+@pytest.mark.parametrize("name", ["nf4", "nf4-dq-bf16", "int8"])
+def test_hand_quantized_llama_matches_from_pretrained(name, llama_dir, tmp_path, llama_ids) -> None:  # type: ignore[no-untyped-def]
+    """``quantsave.quantize`` (the Rust codec on the CPU) on a float transformers model writes the
+    tensors transformers writes after quantizing with bitsandbytes."""
+    qc = transformers.BitsAndBytesConfig(**CONFIGS[name])
     ref = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=qc, device_map="cpu")
     model = transformers.AutoModelForCausalLM.from_pretrained(llama_dir)
     qs.quantize(model, qc, modules_to_not_convert=["lm_head"])

@@ -1,5 +1,6 @@
-"""``quantize``: swap a model's ``nn.Linear`` layers for quantized ones, on the CPU or any device
-the backend supports, and record the config so ``save_quantized`` needs no arguments."""
+"""``quantize``: swap a model's ``nn.Linear`` layers for bitsandbytes layers and record the config
+so ``save_quantized`` needs no arguments. CPU weights are quantized by the Rust codec
+(``quantsave.codec``, bit-compatible with bitsandbytes); weights on an accelerator by bitsandbytes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from quantsave import codec
 from quantsave.config.base import resolve_config
 from quantsave.config.bnb import BitsAndBytesConfig
 from quantsave.quantizers.bnb import import_bnb
@@ -58,14 +60,36 @@ def quantize(model: nn.Module, quantization_config: Any, *, modules_to_not_conve
                 quant_storage=config.bnb_4bit_quant_storage,
                 device="meta",
             )
-            new.weight = bnb.nn.Params4bit(
-                weight,
-                requires_grad=False,
-                compress_statistics=config.bnb_4bit_use_double_quant,
-                quant_type=config.bnb_4bit_quant_type,
-                quant_storage=config.bnb_4bit_quant_storage,
-                module=new,
-            )
+            if device.type == "cpu":
+                # The Rust codec: bitsandbytes' CPU result, bit for bit, at a fraction of the time.
+                packed, state = codec.quantize_4bit(
+                    weight,
+                    blocksize=64,
+                    compress_statistics=config.bnb_4bit_use_double_quant,
+                    quant_type=config.bnb_4bit_quant_type,
+                    quant_storage=config.bnb_4bit_quant_storage,
+                )
+                new.weight = bnb.nn.Params4bit(
+                    packed,
+                    requires_grad=False,
+                    quant_state=state,
+                    blocksize=64,
+                    compress_statistics=config.bnb_4bit_use_double_quant,
+                    quant_type=config.bnb_4bit_quant_type,
+                    quant_storage=config.bnb_4bit_quant_storage,
+                    module=new,
+                    bnb_quantized=True,
+                )
+                new.quant_state = state
+            else:
+                new.weight = bnb.nn.Params4bit(
+                    weight,
+                    requires_grad=False,
+                    compress_statistics=config.bnb_4bit_use_double_quant,
+                    quant_type=config.bnb_4bit_quant_type,
+                    quant_storage=config.bnb_4bit_quant_storage,
+                    module=new,
+                )
         else:
             new = bnb.nn.Linear8bitLt(
                 lin.in_features,
@@ -75,7 +99,13 @@ def quantize(model: nn.Module, quantization_config: Any, *, modules_to_not_conve
                 threshold=config.llm_int8_threshold,
                 device="meta",
             )
-            new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=config.llm_int8_has_fp16_weight)
+            if device.type == "cpu" and not config.llm_int8_has_fp16_weight:
+                q, scb = codec.quantize_8bit(weight)
+                new.weight = bnb.nn.Int8Params(q, requires_grad=False, has_fp16_weights=False, CB=q, SCB=scb)
+            else:
+                new.weight = bnb.nn.Int8Params(
+                    weight, requires_grad=False, has_fp16_weights=config.llm_int8_has_fp16_weight
+                )
         if bias is not None:
             new.bias = nn.Parameter(bias.detach(), requires_grad=False)
         new = new.to(device)
