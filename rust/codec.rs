@@ -252,13 +252,11 @@ pub fn quantize_4bit(
             num_blocks(n, blocksize)
         )));
     }
-    let code = quant_type.code();
-    let bounds: Vec<f32> = match quant_type {
-        QuantType::Nf4 => midpoints(&code),
-        QuantType::Fp4 => midpoints(&FP4_POSITIVE_ORDER.map(|c| code[c as usize])),
-    };
-    let zero_code = encode(0.0, quant_type, &bounds);
-    let blocks_per_task = (1 << 16) / blocksize.max(1) + 1;
+    let bounds = decision_bounds(quant_type);
+    let mut zero = [0u8; 1];
+    encode_block(&[0.0], quant_type, &bounds, &mut zero);
+    let zero_code = zero[0];
+    let blocks_per_task = (1 << 16) / blocksize + 1;
     let bytes_per_block = blocksize / 2;
     let bad = std::sync::atomic::AtomicBool::new(false);
     packed
@@ -267,13 +265,14 @@ pub fn quantize_4bit(
         .enumerate()
         .for_each(|(task, (out, amax))| {
             let mut buf = vec![0f32; blocksize];
+            let mut codes = vec![0u8; blocksize];
             for (b, am) in amax.iter_mut().enumerate() {
                 let start = (task * blocks_per_task + b) * blocksize;
                 let len = blocksize.min(n - start);
                 let x = &mut buf[..len];
                 input.load(start, x);
-                let m = x.iter().fold(0f32, |acc, v| acc.max(v.abs()));
-                if !m.is_finite() || x.iter().any(|v| v.is_nan()) {
+                let (m, non_finite) = block_absmax(x);
+                if non_finite {
                     bad.store(true, std::sync::atomic::Ordering::Relaxed);
                     return;
                 }
@@ -282,23 +281,36 @@ pub fn quantize_4bit(
                     *am = m;
                     let inv = 1.0 / clamped;
                     for v in x.iter_mut() {
-                        *v = (*v * inv).clamp(-1.0, 1.0);
+                        let s = *v * inv;
+                        *v = if s < -1.0 {
+                            -1.0
+                        } else if s > 1.0 {
+                            1.0
+                        } else {
+                            s
+                        };
                     }
                 } else {
                     *am = clamped;
                     for v in x.iter_mut() {
-                        *v = (*v / clamped).clamp(-1.0, 1.0);
+                        let s = *v / clamped;
+                        *v = if s < -1.0 {
+                            -1.0
+                        } else if s > 1.0 {
+                            1.0
+                        } else {
+                            s
+                        };
                     }
                 }
-                let bytes = &mut out[b * bytes_per_block..(b * bytes_per_block + len.div_ceil(2))];
-                for (k, byte) in bytes.iter_mut().enumerate() {
-                    let hi = encode(x[2 * k], quant_type, &bounds);
-                    let lo = if 2 * k + 1 < len {
-                        encode(x[2 * k + 1], quant_type, &bounds)
-                    } else {
-                        zero_code
-                    };
-                    *byte = (hi << 4) | lo;
+                encode_block(x, quant_type, &bounds, &mut codes);
+                let bytes = &mut out[b * bytes_per_block..b * bytes_per_block + len.div_ceil(2)];
+                let mut pairs = codes[..len].chunks_exact(2);
+                for (byte, pair) in bytes.iter_mut().zip(&mut pairs) {
+                    *byte = (pair[0] << 4) | pair[1];
+                }
+                if let [last] = pairs.remainder() {
+                    bytes[bytes.len() - 1] = (last << 4) | zero_code;
                 }
             }
         });
@@ -308,23 +320,57 @@ pub fn quantize_4bit(
     Ok(())
 }
 
-/// The code of one scaled value in [-1, 1].
-#[inline]
-fn encode(x: f32, quant_type: QuantType, bounds: &[f32]) -> u8 {
+/// Decision bounds for a 4-bit type: nf4 over the whole sorted table, fp4 over the sorted
+/// magnitudes (midpoints of neighbours, computed in f32 as bitsandbytes does).
+fn decision_bounds(quant_type: QuantType) -> Vec<f32> {
+    let code = quant_type.code();
     match quant_type {
-        // Index of the first bound >= x: ties go to the lower code.
-        QuantType::Nf4 => bounds.iter().map(|&b| (x > b) as u8).sum(),
+        QuantType::Nf4 => midpoints(&code),
+        QuantType::Fp4 => midpoints(&FP4_POSITIVE_ORDER.map(|c| code[c as usize])),
+    }
+}
+
+/// Codes of scaled values in [-1, 1], written to `codes`. Counts the bounds below each value
+/// (ties to the lower code); loops are laid out bound by bound so they vectorize.
+#[inline]
+fn encode_block(scaled: &[f32], quant_type: QuantType, bounds: &[f32], codes: &mut [u8]) {
+    let codes = &mut codes[..scaled.len()];
+    codes.fill(0);
+    match quant_type {
+        QuantType::Nf4 => {
+            for &b in bounds {
+                for (c, &x) in codes.iter_mut().zip(scaled) {
+                    *c += (x > b) as u8;
+                }
+            }
+        }
         QuantType::Fp4 => {
-            let mag = x.abs();
-            let idx: u8 = if x < 0.0 {
-                // Mirrored: ties go to the more negative (larger magnitude) code.
-                bounds.iter().map(|&b| (mag >= b) as u8).sum()
-            } else {
-                bounds.iter().map(|&b| (mag > b) as u8).sum()
-            };
-            FP4_POSITIVE_ORDER[idx as usize] | if x < 0.0 { 8 } else { 0 }
+            for &b in bounds {
+                for (c, &x) in codes.iter_mut().zip(scaled) {
+                    let mag = x.abs();
+                    // Negative values take ties to the larger magnitude (mirror of "ties to lower").
+                    *c += ((mag > b) | ((x < 0.0) & (mag == b))) as u8;
+                }
+            }
+            for (c, &x) in codes.iter_mut().zip(scaled) {
+                let k = *c;
+                // FP4_POSITIVE_ORDER[k] without a lookup: 0, 1, 6, 7, 4, 5, 2, 3.
+                let mag_code = if k < 2 { k } else { (8 - (k & 6)) | (k & 1) };
+                *c = mag_code | (((x < 0.0) as u8) << 3);
+            }
         }
     }
+}
+
+/// Largest |x| of a block and whether it holds NaN or infinity, on the bit patterns
+/// (integer max vectorizes; the float max would be a serial chain).
+#[inline]
+fn block_absmax(x: &[f32]) -> (f32, bool) {
+    let mut m = 0u32;
+    for v in x {
+        m = m.max(v.to_bits() & 0x7fff_ffff);
+    }
+    (f32::from_bits(m), m >= 0x7f80_0000)
 }
 
 /// Dequantizes 4-bit codes: `code[c] * absmax[block]` in f32, then rounded (to nearest even)
@@ -353,26 +399,38 @@ pub fn dequantize_4bit(
         )));
     }
     let code = quant_type.code();
-    let value = |i: usize| -> f32 {
-        let byte = packed[i / 2];
-        let c = if i % 2 == 0 { byte >> 4 } else { byte & 0xF };
-        code[c as usize] * absmax[i / blocksize]
-    };
-    let task = blocksize * 256;
-    match out {
-        FloatsMut::F32(o) => o.par_chunks_mut(task).enumerate().for_each(|(t, chunk)| {
-            for (j, v) in chunk.iter_mut().enumerate() {
-                *v = value(t * task + j);
+    // One task per run of blocks: each block's values come from its own bytes and absmax.
+    let blocks_per_task = (1 << 16) / blocksize + 1;
+    let fill = |t: usize, out: &mut [f32]| {
+        for (b, vals) in out.chunks_mut(blocksize).enumerate() {
+            let block = t * blocks_per_task + b;
+            let scale = absmax[block];
+            let bytes = &packed[block * blocksize / 2..];
+            for (j, v) in vals.iter_mut().enumerate() {
+                let byte = bytes[j / 2];
+                let c = if j % 2 == 0 { byte >> 4 } else { byte & 0xF };
+                *v = code[c as usize] * scale;
             }
-        }),
+        }
+    };
+    let task = blocks_per_task * blocksize;
+    match out {
+        FloatsMut::F32(o) => o
+            .par_chunks_mut(task)
+            .enumerate()
+            .for_each(|(t, chunk)| fill(t, chunk)),
         FloatsMut::Bf16(o) => o.par_chunks_mut(task).enumerate().for_each(|(t, chunk)| {
-            for (j, v) in chunk.iter_mut().enumerate() {
-                *v = half::bf16::from_f32(value(t * task + j)).to_bits();
+            let mut tmp = vec![0f32; chunk.len()];
+            fill(t, &mut tmp);
+            for (d, v) in chunk.iter_mut().zip(&tmp) {
+                *d = half::bf16::from_f32(*v).to_bits();
             }
         }),
         FloatsMut::F16(o) => o.par_chunks_mut(task).enumerate().for_each(|(t, chunk)| {
-            for (j, v) in chunk.iter_mut().enumerate() {
-                *v = half::f16::from_f32(value(t * task + j)).to_bits();
+            let mut tmp = vec![0f32; chunk.len()];
+            fill(t, &mut tmp);
+            for (d, v) in chunk.iter_mut().zip(&tmp) {
+                *d = half::f16::from_f32(*v).to_bits();
             }
         }),
     }
