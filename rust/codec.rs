@@ -282,25 +282,13 @@ pub fn quantize_4bit(
                     let inv = 1.0 / clamped;
                     for v in x.iter_mut() {
                         let s = *v * inv;
-                        *v = if s < -1.0 {
-                            -1.0
-                        } else if s > 1.0 {
-                            1.0
-                        } else {
-                            s
-                        };
+                        *v = s.clamp(-1.0, 1.0);
                     }
                 } else {
                     *am = clamped;
                     for v in x.iter_mut() {
                         let s = *v / clamped;
-                        *v = if s < -1.0 {
-                            -1.0
-                        } else if s > 1.0 {
-                            1.0
-                        } else {
-                            s
-                        };
+                        *v = s.clamp(-1.0, 1.0);
                     }
                 }
                 encode_block(x, quant_type, &bounds, &mut codes);
