@@ -172,6 +172,7 @@ impl Floats<'_> {
     }
 
     /// Copies elements `start..start + out.len()` into `out` as f32.
+    #[inline(always)]
     fn load(&self, start: usize, out: &mut [f32]) {
         let n = out.len();
         match self {
@@ -259,53 +260,99 @@ pub fn quantize_4bit(
     let blocks_per_task = (1 << 16) / blocksize + 1;
     let bytes_per_block = blocksize / 2;
     let bad = std::sync::atomic::AtomicBool::new(false);
+    let job = QuantizeJob {
+        input,
+        blocksize,
+        quant_type,
+        bounds: &bounds,
+        zero_code,
+        n,
+        blocks_per_task,
+    };
     packed
         .par_chunks_mut(blocks_per_task * bytes_per_block)
         .zip(absmax.par_chunks_mut(blocks_per_task))
         .enumerate()
         .for_each(|(task, (out, amax))| {
-            let mut buf = vec![0f32; blocksize];
-            let mut codes = vec![0u8; blocksize];
-            for (b, am) in amax.iter_mut().enumerate() {
-                let start = (task * blocks_per_task + b) * blocksize;
-                let len = blocksize.min(n - start);
-                let x = &mut buf[..len];
-                input.load(start, x);
-                let (m, non_finite) = block_absmax(x);
-                if non_finite {
-                    bad.store(true, std::sync::atomic::Ordering::Relaxed);
-                    return;
-                }
-                let clamped = m.max(1e-38);
-                if len == blocksize {
-                    *am = m;
-                    let inv = 1.0 / clamped;
-                    for v in x.iter_mut() {
-                        let s = *v * inv;
-                        *v = s.clamp(-1.0, 1.0);
-                    }
-                } else {
-                    *am = clamped;
-                    for v in x.iter_mut() {
-                        let s = *v / clamped;
-                        *v = s.clamp(-1.0, 1.0);
-                    }
-                }
-                encode_block(x, quant_type, &bounds, &mut codes);
-                let bytes = &mut out[b * bytes_per_block..b * bytes_per_block + len.div_ceil(2)];
-                let mut pairs = codes[..len].chunks_exact(2);
-                for (byte, pair) in bytes.iter_mut().zip(&mut pairs) {
-                    *byte = (pair[0] << 4) | pair[1];
-                }
-                if let [last] = pairs.remainder() {
-                    bytes[bytes.len() - 1] = (last << 4) | zero_code;
-                }
+            if !job.run_dispatch(task, out, amax) {
+                bad.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         });
     if bad.into_inner() {
         return Err(Error::invalid("cannot quantize NaN or infinite values"));
     }
     Ok(())
+}
+
+/// One `quantize_4bit` call's parameters, shared by its parallel tasks.
+struct QuantizeJob<'a> {
+    input: Floats<'a>,
+    blocksize: usize,
+    quant_type: QuantType,
+    bounds: &'a [f32],
+    zero_code: u8,
+    n: usize,
+    blocks_per_task: usize,
+}
+
+impl QuantizeJob<'_> {
+    /// Runs one task with the widest vector instructions the CPU has.
+    fn run_dispatch(&self, task: usize, out: &mut [u8], amax: &mut [f32]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { self.run_avx2(task, out, amax) };
+        }
+        self.run(task, out, amax)
+    }
+
+    /// The same code compiled for AVX2 (results are identical: no fused or reordered float math).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_avx2(&self, task: usize, out: &mut [u8], amax: &mut [f32]) -> bool {
+        self.run(task, out, amax)
+    }
+
+    /// Quantizes the blocks of one task; false when a block holds NaN or infinity.
+    #[inline(always)]
+    fn run(&self, task: usize, out: &mut [u8], amax: &mut [f32]) -> bool {
+        let (blocksize, bytes_per_block) = (self.blocksize, self.blocksize / 2);
+        let mut buf = vec![0f32; blocksize];
+        let mut codes = vec![0u8; blocksize];
+        for (b, am) in amax.iter_mut().enumerate() {
+            let start = (task * self.blocks_per_task + b) * blocksize;
+            let len = blocksize.min(self.n - start);
+            let x = &mut buf[..len];
+            self.input.load(start, x);
+            let (m, non_finite) = block_absmax(x);
+            if non_finite {
+                return false;
+            }
+            let clamped = m.max(1e-38);
+            if len == blocksize {
+                *am = m;
+                let inv = 1.0 / clamped;
+                for v in x.iter_mut() {
+                    *v = (*v * inv).clamp(-1.0, 1.0);
+                }
+            } else {
+                *am = clamped;
+                for v in x.iter_mut() {
+                    *v = (*v / clamped).clamp(-1.0, 1.0);
+                }
+            }
+            encode_block(x, self.quant_type, self.bounds, &mut codes);
+            let bytes = &mut out[b * bytes_per_block..b * bytes_per_block + len.div_ceil(2)];
+            let mut pairs = codes[..len].chunks_exact(2);
+            for (byte, pair) in bytes.iter_mut().zip(&mut pairs) {
+                *byte = (pair[0] << 4) | pair[1];
+            }
+            if let [last] = pairs.remainder() {
+                bytes[bytes.len() - 1] = (last << 4) | self.zero_code;
+            }
+        }
+        true
+    }
 }
 
 /// Decision bounds for a 4-bit type: nf4 over the whole sorted table, fp4 over the sorted
@@ -320,7 +367,7 @@ fn decision_bounds(quant_type: QuantType) -> Vec<f32> {
 
 /// Codes of scaled values in [-1, 1], written to `codes`. Counts the bounds below each value
 /// (ties to the lower code); loops are laid out bound by bound so they vectorize.
-#[inline]
+#[inline(always)]
 fn encode_block(scaled: &[f32], quant_type: QuantType, bounds: &[f32], codes: &mut [u8]) {
     let codes = &mut codes[..scaled.len()];
     codes.fill(0);
@@ -352,7 +399,7 @@ fn encode_block(scaled: &[f32], quant_type: QuantType, bounds: &[f32], codes: &m
 
 /// Largest |x| of a block and whether it holds NaN or infinity, on the bit patterns
 /// (integer max vectorizes; the float max would be a serial chain).
-#[inline]
+#[inline(always)]
 fn block_absmax(x: &[f32]) -> (f32, bool) {
     let mut m = 0u32;
     for v in x {
