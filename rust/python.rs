@@ -44,9 +44,49 @@ fn to_py(err: Error) -> PyErr {
     }
 }
 
+/// Set in a child process created by `fork()` (torch DataLoader workers, multiprocessing):
+/// the parent's rayon threads do not exist there, so work runs on a pool of the child's own.
+static FORKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static CHILD_POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+
+extern "C" fn mark_forked() {
+    FORKED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Threads for the global pool: `QUANTSAVE_NUM_THREADS`, else rayon's default (one per core).
+fn configured_threads() -> Option<usize> {
+    std::env::var("QUANTSAVE_NUM_THREADS")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&n| n > 0)
+}
+
+/// Runs `f` on the right pool: the global one, or in a forked child a pool of its own.
+fn on_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    if FORKED.load(std::sync::atomic::Ordering::SeqCst) {
+        let pool = CHILD_POOL.get_or_init(|| {
+            let mut b = rayon::ThreadPoolBuilder::new();
+            if let Some(n) = configured_threads() {
+                b = b.num_threads(n);
+            }
+            b.build().unwrap_or_else(|_| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .build()
+                    .expect("a one-thread pool")
+            })
+        });
+        pool.install(f)
+    } else {
+        f()
+    }
+}
+
 /// Runs `f` without the GIL and maps its error; every long call goes through here.
 fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<T> + Send) -> PyResult<T> {
-    let out = py.detach(f).map_err(to_py);
+    let out = py.detach(|| on_pool(f)).map_err(to_py);
     py.check_signals()?;
     out
 }
@@ -436,6 +476,17 @@ fn quantize_int8_rows(
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    if let Some(n) = configured_threads() {
+        // Fails only when the global pool already exists (module loaded twice): keep that one.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
+    }
+    // SAFETY: `mark_forked` only stores to an atomic, which is async-signal-safe as a fork
+    // child handler must be.
+    unsafe {
+        libc::pthread_atfork(None, None, Some(mark_forked));
+    }
     m.add("CheckpointError", m.py().get_type::<CheckpointError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(write_shards, m)?)?;

@@ -139,3 +139,37 @@ def test_int8_identical_to_bitsandbytes(shape) -> None:  # type: ignore[no-untyp
     assert torch.equal(q, ref_q) and torch.equal(scb, ref_scb)
     back = codec.dequantize_8bit(q, scb)
     assert (back - w).abs().max() <= scb.max() / 127
+
+
+_FORK_INPUT = _weights((512, 512), torch.bfloat16, heavy=False)
+
+
+def _child_quantize(queue) -> None:  # type: ignore[no-untyped-def]
+    # As DataLoader workers do: torch's own OpenMP pool is not usable after fork.
+    torch.set_num_threads(1)
+    packed, _ = codec.quantize_4bit(_FORK_INPUT, quant_type="nf4")
+    queue.put(bytes(packed.reshape(-1).numpy()[:16]))
+
+
+def test_safe_after_fork() -> None:
+    """Workers forked after the parent used the thread pool (DataLoader-style) still quantize."""
+    import multiprocessing as mp
+
+    expected, _ = codec.quantize_4bit(_FORK_INPUT, quant_type="nf4")  # the parent's pool is now running
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child_quantize, args=(queue,))
+    proc.start()
+    proc.join(timeout=60)
+    assert proc.exitcode == 0, "forked child hung or failed"
+    assert queue.get(timeout=5) == bytes(expected.reshape(-1).numpy()[:16])
+
+
+def test_thread_count_variable() -> None:
+    import subprocess
+    import sys
+
+    code = "import torch, quantsave.codec as c; p, _ = c.quantize_4bit(torch.randn(4096), quant_type='nf4'); print(p.numel())"
+    env = {**__import__("os").environ, "QUANTSAVE_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "2048"
