@@ -77,7 +77,7 @@ def run_demo(out_dir: str | None = None, *, max_shard_size: str = "1MB", stream:
         n_tensors = len(qs.load_state_dict(target)[0])
     rows = [
         ("model", f"TinyModel ({n_float} float tensors, {before / 1e6:.2f} MB)"),
-        ("quantization", "bitsandbytes nf4, double quant, on the CPU"),
+        ("quantization", "nf4 + double quant by the Rust codec on the CPU (bitsandbytes layers)"),
         ("tensors saved", str(n_tensors)),
         ("bytes before", f"{before:,}"),
         ("bytes after", f"{after:,} ({before / max(after, 1):.2f}x smaller)"),
