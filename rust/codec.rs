@@ -434,21 +434,31 @@ pub fn dequantize_4bit(
         )));
     }
     let code = quant_type.code();
-    // One task per run of blocks: each block's values come from its own bytes and absmax.
+    // Both values of every possible byte, so each byte costs one lookup.
+    let mut pairs = [[0f32; 2]; 256];
+    for (b, p) in pairs.iter_mut().enumerate() {
+        *p = [code[b >> 4], code[b & 0xF]];
+    }
     let blocks_per_task = (1 << 16) / blocksize + 1;
+    let task = blocks_per_task * blocksize;
+    // Values of one run of blocks, in f32.
     let fill = |t: usize, out: &mut [f32]| {
         for (b, vals) in out.chunks_mut(blocksize).enumerate() {
             let block = t * blocks_per_task + b;
             let scale = absmax[block];
             let bytes = &packed[block * blocksize / 2..];
-            for (j, v) in vals.iter_mut().enumerate() {
-                let byte = bytes[j / 2];
-                let c = if j % 2 == 0 { byte >> 4 } else { byte & 0xF };
-                *v = code[c as usize] * scale;
+            let half = vals.len() / 2;
+            let mut it = vals.chunks_exact_mut(2);
+            for (v, &byte) in (&mut it).zip(bytes) {
+                let [a, c] = pairs[byte as usize];
+                v[0] = a * scale;
+                v[1] = c * scale;
+            }
+            if let [last] = it.into_remainder() {
+                *last = pairs[bytes[half] as usize][0] * scale;
             }
         }
     };
-    let task = blocks_per_task * blocksize;
     match out {
         FloatsMut::F32(o) => o
             .par_chunks_mut(task)
@@ -458,7 +468,7 @@ pub fn dequantize_4bit(
             let mut tmp = vec![0f32; chunk.len()];
             fill(t, &mut tmp);
             for (d, v) in chunk.iter_mut().zip(&tmp) {
-                *d = half::bf16::from_f32(*v).to_bits();
+                *d = bf16_bits(*v);
             }
         }),
         FloatsMut::F16(o) => o.par_chunks_mut(task).enumerate().for_each(|(t, chunk)| {
@@ -470,6 +480,13 @@ pub fn dequantize_4bit(
         }),
     }
     Ok(())
+}
+
+/// bfloat16 bits of a finite f32, rounded to nearest even (as torch's `.to(torch.bfloat16)`).
+#[inline(always)]
+fn bf16_bits(v: f32) -> u16 {
+    let bits = v.to_bits();
+    ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
 }
 
 /// Quantizes `values - offset` blockwise with the signed dynamic map (nested quantization of
