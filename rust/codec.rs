@@ -254,9 +254,9 @@ pub fn quantize_4bit(
         )));
     }
     let bounds = decision_bounds(quant_type);
-    let mut zero = [0u8; 1];
+    let mut zero = [0u32; 1];
     encode_block(&[0.0], quant_type, &bounds, &mut zero);
-    let zero_code = zero[0];
+    let zero_code = zero[0] as u8;
     let blocks_per_task = (1 << 16) / blocksize + 1;
     let bytes_per_block = blocksize / 2;
     let bad = std::sync::atomic::AtomicBool::new(false);
@@ -318,7 +318,7 @@ impl QuantizeJob<'_> {
     fn run(&self, task: usize, out: &mut [u8], amax: &mut [f32]) -> bool {
         let (blocksize, bytes_per_block) = (self.blocksize, self.blocksize / 2);
         let mut buf = vec![0f32; blocksize];
-        let mut codes = vec![0u8; blocksize];
+        let mut codes = vec![0u32; blocksize];
         for (b, am) in amax.iter_mut().enumerate() {
             let start = (task * self.blocks_per_task + b) * blocksize;
             let len = blocksize.min(self.n - start);
@@ -345,10 +345,10 @@ impl QuantizeJob<'_> {
             let bytes = &mut out[b * bytes_per_block..b * bytes_per_block + len.div_ceil(2)];
             let mut pairs = codes[..len].chunks_exact(2);
             for (byte, pair) in bytes.iter_mut().zip(&mut pairs) {
-                *byte = (pair[0] << 4) | pair[1];
+                *byte = ((pair[0] << 4) | pair[1]) as u8;
             }
             if let [last] = pairs.remainder() {
-                bytes[bytes.len() - 1] = (last << 4) | self.zero_code;
+                bytes[bytes.len() - 1] = ((last << 4) as u8) | self.zero_code;
             }
         }
         true
@@ -368,14 +368,14 @@ fn decision_bounds(quant_type: QuantType) -> Vec<f32> {
 /// Codes of scaled values in [-1, 1], written to `codes`. Counts the bounds below each value
 /// (ties to the lower code); loops are laid out bound by bound so they vectorize.
 #[inline(always)]
-fn encode_block(scaled: &[f32], quant_type: QuantType, bounds: &[f32], codes: &mut [u8]) {
+fn encode_block(scaled: &[f32], quant_type: QuantType, bounds: &[f32], codes: &mut [u32]) {
     let codes = &mut codes[..scaled.len()];
     codes.fill(0);
     match quant_type {
         QuantType::Nf4 => {
             for &b in bounds {
                 for (c, &x) in codes.iter_mut().zip(scaled) {
-                    *c += (x > b) as u8;
+                    *c += (x > b) as u32;
                 }
             }
         }
@@ -384,14 +384,14 @@ fn encode_block(scaled: &[f32], quant_type: QuantType, bounds: &[f32], codes: &m
                 for (c, &x) in codes.iter_mut().zip(scaled) {
                     let mag = x.abs();
                     // Negative values take ties to the larger magnitude (mirror of "ties to lower").
-                    *c += ((mag > b) | ((x < 0.0) & (mag == b))) as u8;
+                    *c += ((mag > b) | ((x < 0.0) & (mag == b))) as u32;
                 }
             }
             for (c, &x) in codes.iter_mut().zip(scaled) {
                 let k = *c;
                 // FP4_POSITIVE_ORDER[k] without a lookup: 0, 1, 6, 7, 4, 5, 2, 3.
                 let mag_code = if k < 2 { k } else { (8 - (k & 6)) | (k & 1) };
-                *c = mag_code | (((x < 0.0) as u8) << 3);
+                *c = mag_code | (((x < 0.0) as u32) << 3);
             }
         }
     }
