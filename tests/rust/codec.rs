@@ -3,7 +3,8 @@
 use proptest::prelude::*;
 use quantsave::codec::{
     dequantize_4bit, dequantize_dynamic, dynamic_map, num_blocks, packed_len, quantize_4bit,
-    quantize_dynamic, quantize_int8_rows, Floats, FloatsMut, Nibble4Layout, QuantType,
+    quantize_4bit_portable, quantize_dynamic, quantize_int8_rows, Floats, FloatsMut, Nibble4Layout,
+    QuantType,
 };
 
 fn q4(x: &[f32], bs: usize, qt: QuantType) -> (Vec<u8>, Vec<f32>) {
@@ -192,5 +193,59 @@ proptest! {
         for (i, (x, y)) in xs.iter().zip(&back).enumerate() {
             prop_assert!((x - y).abs() <= am[i / 256] * 0.02 + 1e-5, "{x} -> {y}");
         }
+    }
+
+    /// The vector kernels give the same bytes as the portable code: every input kind, both types,
+    /// partial last blocks, zeros of both signs, subnormals, exact decision bounds and their
+    /// negatives (the tie rules), and values far outside [-1, 1].
+    #[test]
+    fn vector_kernels_match_portable_code(
+        picks in prop::collection::vec((0usize..6, -4f32..4.0, 0usize..15), 0..1200),
+        kind in 0usize..3,
+        nf4 in any::<bool>(),
+        bs_pow in 5u32..13,
+        unit_absmax in any::<bool>(),
+    ) {
+        let bs = 1usize << bs_pow;
+        let qt = if nf4 { QuantType::Nf4 } else { QuantType::Fp4 };
+        let code = qt.code();
+        let mut sorted = code.to_vec();
+        sorted.sort_by(f32::total_cmp);
+        let xs: Vec<f32> = picks
+            .iter()
+            .map(|&(how, v, k)| match how {
+                0 => v,
+                1 => (sorted[k] + sorted[k + 1]) / 2.0,
+                2 => -(sorted[k] + sorted[k + 1]) / 2.0,
+                3 => if k % 2 == 0 { 0.0 } else { -0.0 },
+                4 => v * 1e-41,
+                _ => v * 1e30,
+            })
+            .collect::<Vec<f32>>();
+        let mut xs = xs;
+        if unit_absmax {
+            // absmax 1 keeps the scaled values exact, so the ties really are ties (for float32).
+            for (i, x) in xs.iter_mut().enumerate() {
+                *x = if i % bs == 0 { 1.0 } else { x.clamp(-1.0, 1.0) };
+            }
+        }
+        let n = xs.len();
+        let run = |portable: bool| {
+            let mut p = vec![0u8; packed_len(n)];
+            let mut a = vec![0f32; num_blocks(n, bs)];
+            let bf: Vec<u16> = xs.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+            let hf: Vec<u16> = xs.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+            let input = match kind {
+                0 => Floats::F32(&xs),
+                1 => Floats::Bf16(&bf),
+                _ => Floats::F16(&hf),
+            };
+            let f = if portable { quantize_4bit_portable } else { quantize_4bit };
+            let r = f(input, bs, qt, Nibble4Layout::HighFirst, &mut p, &mut a);
+            (r.is_ok(), p, a.iter().map(|v| v.to_bits()).collect::<Vec<u32>>())
+        };
+        let (ok, p, a) = run(false);
+        prop_assert!(ok || kind == 2, "only float16 can overflow to infinity here");
+        prop_assert_eq!((ok, p, a), run(true));
     }
 }
