@@ -1,4 +1,5 @@
-//! Codec throughput: nf4/fp4 quantize and dequantize of bf16 weights, int8 row quantization.
+//! Codec throughput: nf4/fp4 quantize and dequantize of bf16 4096x4096 and 8192x8192 weights,
+//! int8 row quantization.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use quantsave::codec::{
@@ -17,10 +18,15 @@ fn weights(n: usize) -> Vec<u16> {
 }
 
 fn bench(c: &mut Criterion) {
-    let side = 4096;
+    for side in [4096, 8192] {
+        bench_side(c, side);
+    }
+}
+
+fn bench_side(c: &mut Criterion, side: usize) {
     let n = side * side;
     let w = weights(n);
-    let mut g = c.benchmark_group("codec_4096x4096_bf16");
+    let mut g = c.benchmark_group(format!("codec_{side}x{side}_bf16"));
     g.sample_size(10);
     g.throughput(Throughput::Elements(n as u64));
     let mut packed = vec![0u8; packed_len(n)];

@@ -20,7 +20,7 @@ from quantsave.families import FAMILIES
 from quantsave.quantizers.registry import get_quantizer
 from quantsave.tensors import tensor_from_map
 
-__all__ = ["load_state_dict", "load_model", "read_config", "find_weights"]
+__all__ = ["load_state_dict", "load_checkpoint", "load_model", "read_config", "find_weights"]
 
 
 def read_config(directory: Path) -> dict[str, Any] | None:
@@ -107,6 +107,15 @@ def load_state_dict(
     Raises:
         CheckpointError: a corrupt, truncated or inconsistent file, naming the file and the problem.
     """
+    state_dict, qconfig, _ = load_checkpoint(directory, variant=variant)
+    return state_dict, qconfig
+
+
+def load_checkpoint(
+    directory: str | os.PathLike[str], *, variant: str | None = None
+) -> tuple[dict[str, torch.Tensor], QuantizationConfig | None, dict[str, str]]:
+    """``load_state_dict`` plus the shards' header metadata, merged (a later shard's entries win,
+    as in the references' loaders)."""
     path = Path(directory)
     if path.is_file():
         files, weight_map, index, config = [path], None, None, read_config(path.parent)
@@ -115,8 +124,10 @@ def load_state_dict(
         config = read_config(path)
     state_dict: dict[str, torch.Tensor] = {}
     owner: dict[str, Path] = {}
+    metadata: dict[str, str] = {}
     for f in files:
         mf = _core.MappedFile(f)
+        metadata.update(mf.header.get("metadata") or {})
         base = torch.frombuffer(mf, dtype=torch.uint8)
         for name, dtype, shape, start, end in mf.header["tensors"]:
             if name in owner:
@@ -140,7 +151,7 @@ def load_state_dict(
             qconfig = resolve_config(config["quantization_config"])
         except ValueError as e:
             raise CheckpointError(f"invalid checkpoint file {path / 'config.json'}: quantization_config: {e}") from e
-    return state_dict, qconfig
+    return state_dict, qconfig, metadata
 
 
 @contextlib.contextmanager
@@ -207,13 +218,13 @@ def load_model(
 ) -> nn.Module:
     """Loads a checkpoint into ``model`` (see ``quantsave.load_quantized``)."""
     path = Path(directory)
-    state_dict, qconfig = load_state_dict(path, variant=variant)
+    state_dict, qconfig, metadata = load_checkpoint(path, variant=variant)
     if model is None:
         model = build_skeleton(path if path.is_dir() else path.parent, read_config(path if path.is_dir() else path.parent))
     if qconfig is not None:
         quantizer = get_quantizer(qconfig)
         try:
-            rest = quantizer.load_into(model, state_dict)
+            rest = quantizer.load_into(model, state_dict, metadata, path if path.is_dir() else path.parent)
         except CheckpointError as e:
             raise CheckpointError(f"checkpoint in {path}: {e}") from e
     else:

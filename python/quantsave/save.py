@@ -28,7 +28,7 @@ from quantsave.families import (
 )
 from quantsave.quantizers.base import Quantizer
 from quantsave.quantizers.registry import detect_quantizer, get_quantizer
-from quantsave.tensors import byte_view, dtype_name
+from quantsave.tensors import byte_view, dtype_name, is_wrapper_subclass, subclass_nbytes
 
 __all__ = ["SaveResult", "save_model", "check_file_name", "resolve_quantizer"]
 
@@ -132,6 +132,10 @@ def _check_tensors(state_dict: dict[str, torch.Tensor]) -> list[str]:
             raise ValueError(f"tensor {key!r} is on the meta device and has no data to save; load its weights first")
         if t.layout != torch.strided:
             raise ValueError(f"tensor {key!r} has layout {t.layout}; convert sparse tensors with .to_dense() before saving")
+        if is_wrapper_subclass(t):
+            # A tensor subclass (torchao) in the pickle form: torch.save stores its parts.
+            names.append("")
+            continue
         names.append(dtype_name(t.dtype, f"tensor {key!r}"))
         if t.numel():
             storage = t.untyped_storage()
@@ -176,6 +180,9 @@ def _plan_units(keys: list[str], tensors: list[torch.Tensor], groups: dict[str, 
     first_of: dict[Any, int] = {}
     sizes = []
     for i, (key, t) in enumerate(zip(keys, tensors)):
+        if is_wrapper_subclass(t):
+            sizes.append(subclass_nbytes(t))
+            continue
         storage = t.untyped_storage()
         if t.numel() and not storage.resizable():
             sizes.append(t.numel() * t.element_size())
@@ -257,7 +264,12 @@ def save_model(
         raise ValueError("metadata must map strings to strings")
     shard_limit = _parse_shard_size(max_shard_size, family)
 
-    state_dict = quantizer.state_dict(model) if quantizer is not None else dict(model.state_dict())
+    if quantizer is None:
+        state_dict = dict(model.state_dict())
+    elif safe_serialization:
+        state_dict = quantizer.state_dict(model, family)
+    else:
+        state_dict = quantizer.pickle_state_dict(model, family)
     if family is TRANSFORMERS:
         state_dict = _transformers_state_dict(model, state_dict)
     dtypes = _check_tensors(state_dict)
@@ -272,8 +284,10 @@ def save_model(
         header_meta.update(quantizer.header_metadata(state_dict))
     if metadata:
         header_meta.update(metadata)
-    quant_dict = quantizer.config.to_dict() if quantizer is not None else None
+    quant_dict = quantizer.config_dict(family) if quantizer is not None else None
     json_files = model_config_files(model, family, quant_dict)
+    if quantizer is not None:
+        json_files.update(quantizer.extra_files(model, family))
 
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():
@@ -302,6 +316,8 @@ def save_model(
         index_meta: dict[str, Any] = {"total_size": total_size}
         if family is TRANSFORMERS:
             index_meta["total_parameters"] = total_parameters(model)
+        if quantizer is not None and safe_serialization:
+            index_meta.update(quantizer.index_metadata(family))
         text = _core.render_index_json(dump_json(index_meta), weight_map)
         _core.write_bytes_atomic(directory / index_name, text.encode(), fsync=_fsync_enabled())
         result.files.append(index_name)

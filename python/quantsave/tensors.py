@@ -7,7 +7,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["DTYPE_TO_NAME", "NAME_TO_DTYPE", "byte_view", "dtype_name", "tensor_from_map"]
+__all__ = [
+    "DTYPE_TO_NAME",
+    "NAME_TO_DTYPE",
+    "byte_view",
+    "dtype_name",
+    "is_wrapper_subclass",
+    "subclass_nbytes",
+    "tensor_from_map",
+]
 
 _PAIRS: list[tuple[str, str]] = [
     ("bool", "BOOL"),
@@ -33,6 +41,22 @@ DTYPE_TO_NAME: dict[torch.dtype, str] = {
     getattr(torch, t): n for t, n in _PAIRS if isinstance(getattr(torch, t, None), torch.dtype)
 }
 NAME_TO_DTYPE: dict[str, torch.dtype] = {n: t for t, n in DTYPE_TO_NAME.items()}
+
+
+def is_wrapper_subclass(t: torch.Tensor) -> bool:
+    """True for a tensor subclass made of inner tensors (torchao's quantized tensors), which
+    has no storage of its own."""
+    return type(t) not in (torch.Tensor, torch.nn.Parameter) and callable(getattr(t, "__tensor_flatten__", None))
+
+
+def subclass_nbytes(t: torch.Tensor) -> int:
+    """Bytes of the inner tensors of a wrapper subclass (recursively)."""
+    names, _ = t.__tensor_flatten__()  # type: ignore[attr-defined]
+    total = 0
+    for name in names:
+        inner = getattr(t, name)
+        total += subclass_nbytes(inner) if is_wrapper_subclass(inner) else inner.numel() * inner.element_size()
+    return total
 
 
 def dtype_name(dtype: torch.dtype, name: str = "tensor") -> str:

@@ -4,12 +4,16 @@ rebuild its quantized modules on load."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from quantsave.config.base import QuantizationConfig
+
+if TYPE_CHECKING:
+    from quantsave.families import Family
 
 __all__ = ["Quantizer"]
 
@@ -37,20 +41,43 @@ class Quantizer:
         """The config describing an already-quantized ``model``."""
         raise ValueError(f"cannot infer a {cls.quant_method} config from the model; pass quantization_config")
 
-    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The tensors to save, in the order the reference writes them."""
+    def state_dict(self, model: nn.Module, family: Family) -> dict[str, torch.Tensor]:
+        """The plain tensors to save as safetensors, in the order the reference writes them.
+
+        Called once per save, before ``header_metadata``, ``index_metadata`` and ``weight_groups``
+        (a quantizer may keep what it learns here for those)."""
         return dict(model.state_dict())
+
+    def pickle_state_dict(self, model: nn.Module, family: Family) -> dict[str, torch.Tensor]:
+        """The tensors to save with ``safe_serialization=False`` (may hold tensor subclasses)."""
+        return self.state_dict(model, family)
 
     def header_metadata(self, state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
         """Extra safetensors header metadata for every shard."""
+        return {}
+
+    def index_metadata(self, family: Family) -> dict[str, Any]:
+        """Extra entries for the ``metadata`` object of a sharded checkpoint's index."""
+        return {}
+
+    def config_dict(self, family: Family) -> dict[str, Any]:
+        """The ``quantization_config`` written in ``config.json`` for a model of ``family``."""
+        return self.config.to_dict()
+
+    def extra_files(self, model: nn.Module, family: Family) -> dict[str, str]:
+        """Extra text files (name -> content) written beside the weights."""
         return {}
 
     def weight_groups(self, keys: list[str]) -> dict[str, str]:
         """Maps each key that belongs to a multi-tensor quantized weight to its group name."""
         return {}
 
-    def load_into(self, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Swaps in quantized modules built from ``state_dict``; returns the tensors left to load."""
+    def load_into(
+        self, model: nn.Module, state_dict: dict[str, torch.Tensor], metadata: dict[str, str], directory: Path
+    ) -> dict[str, torch.Tensor]:
+        """Swaps in quantized modules built from ``state_dict`` (``metadata``: the shards' merged
+        header metadata; ``directory``: the checkpoint folder); returns the tensors left to load
+        as they are. Problems with the checkpoint raise ``CheckpointError``."""
         return state_dict
 
     def describe(self) -> dict[str, Any]:

@@ -18,7 +18,8 @@ All tensors of one weight form a group that the planner never splits across shar
 from __future__ import annotations
 
 import re
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,6 +28,9 @@ from quantsave.config.base import QuantizationConfig
 from quantsave.config.bnb import BitsAndBytesConfig
 from quantsave.errors import CheckpointError
 from quantsave.quantizers.base import Quantizer
+
+if TYPE_CHECKING:
+    from quantsave.families import Family
 
 __all__ = ["BitsAndBytesQuantizer", "import_bnb", "is_bnb_module"]
 
@@ -132,7 +136,7 @@ class BitsAndBytesQuantizer(Quantizer):
             )
         raise ValueError("the model has no bitsandbytes layers")
 
-    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def state_dict(self, model: nn.Module, family: Family) -> dict[str, torch.Tensor]:
         for name, m in model.named_modules():
             if is_bnb_module(m, "Linear4bit") and getattr(m.weight, "quant_state", None) is None:
                 raise ValueError(
@@ -155,7 +159,9 @@ class BitsAndBytesQuantizer(Quantizer):
                 out[k] = owner
         return out
 
-    def load_into(self, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def load_into(
+        self, model: nn.Module, state_dict: dict[str, torch.Tensor], metadata: dict[str, str], directory: Path
+    ) -> dict[str, torch.Tensor]:
         """Replaces each Linear named by a quantized weight in ``state_dict`` with the bitsandbytes
         layer holding those tensors."""
         bnb = import_bnb()
