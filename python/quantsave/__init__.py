@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from quantsave._core import __version__
 from quantsave.api import load_quantized, load_state_dict, save_quantized
-from quantsave.config import BitsAndBytesConfig, GGUFQuantizationConfig, QuantizationConfig
+from quantsave.config import BitsAndBytesConfig, GGUFQuantizationConfig, QuantizationConfig, TorchAoConfig
 from quantsave.errors import CheckpointError, NotSerializableError
 from quantsave.quantize import quantize
 from quantsave.save import SaveResult
@@ -16,6 +16,7 @@ __all__ = [
     "NotSerializableError",
     "QuantizationConfig",
     "SaveResult",
+    "TorchAoConfig",
     "__version__",
     "load_quantized",
     "load_state_dict",

@@ -221,12 +221,14 @@ def load_model(
     state_dict, qconfig, metadata = load_checkpoint(path, variant=variant)
     if model is None:
         model = build_skeleton(path if path.is_dir() else path.parent, read_config(path if path.is_dir() else path.parent))
+    loaded = set(state_dict)
     if qconfig is not None:
         quantizer = get_quantizer(qconfig)
         try:
             rest = quantizer.load_into(model, state_dict, metadata, path if path.is_dir() else path.parent)
         except CheckpointError as e:
             raise CheckpointError(f"checkpoint in {path}: {e}") from e
+        loaded |= quantizer.loaded_keys
     else:
         rest = state_dict
     expected = model.state_dict()
@@ -244,7 +246,7 @@ def load_model(
     model.load_state_dict(rest, strict=False, assign=True)
     if callable(getattr(model, "tie_weights", None)) and hasattr(model, "config"):
         model.tie_weights()
-    missing = [k for k in model.state_dict() if k not in state_dict and k not in tied]
+    missing = [k for k in model.state_dict() if k not in loaded and k not in tied]
     missing += [n for n, p in model.named_parameters() if p.is_meta and n not in tied and n not in missing]
     if missing:
         raise CheckpointError(f"checkpoint in {path} lacks {len(missing)} weight(s) the model needs, e.g. {missing[:3]}")

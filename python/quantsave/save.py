@@ -100,9 +100,9 @@ def _check_serializable(q: Quantizer, safe_serialization: bool) -> None:
             f"models quantized with {q.quant_method} cannot be saved: {q.not_serializable_reason}. Nothing was written."
         )
     if safe_serialization and not q.supports_safetensors:
+        reason = q.safetensors_unsupported_reason or "pass safe_serialization=False"
         raise NotSerializableError(
-            f"{q.quant_method} checkpoints cannot be written as safetensors; pass safe_serialization=False. "
-            "Nothing was written."
+            f"{q.quant_method} checkpoints cannot be written as safetensors: {reason}. Nothing was written."
         )
 
 
@@ -301,7 +301,8 @@ def save_model(
             _write_safetensors(state_dict, keys, dtypes, shards, file_names, directory, header_meta, result, bar)
         else:
             for idx, fname in zip(shards, file_names):
-                torch.save({keys[i]: state_dict[keys[i]].contiguous() for i in idx}, directory / fname)
+                shard = {keys[i]: state_dict[keys[i]] for i in idx}
+                torch.save({k: t if is_wrapper_subclass(t) else t.contiguous() for k, t in shard.items()}, directory / fname)
                 result.total_bytes += (directory / fname).stat().st_size
                 if bar is not None:
                     bar.update(1)

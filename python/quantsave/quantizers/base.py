@@ -27,9 +27,13 @@ class Quantizer:
     supports_safetensors: ClassVar[bool] = True
     #: Why the backend cannot be saved, when ``is_serializable`` is False.
     not_serializable_reason: ClassVar[str] = ""
+    #: Why it cannot be saved as safetensors, when ``supports_safetensors`` is False.
+    safetensors_unsupported_reason: str = ""
 
     def __init__(self, config: QuantizationConfig) -> None:
         self.config = config
+        #: Model state-dict keys that ``load_into`` installed under names absent from the files.
+        self.loaded_keys: set[str] = set()
 
     @classmethod
     def detect(cls, model: nn.Module) -> bool:
