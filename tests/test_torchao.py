@@ -329,3 +329,28 @@ def test_corrupt_torchao_checkpoints(tmp_path) -> None:  # type: ignore[no-untyp
         # A change torchao accepts must still give a model with the file's values.
         assert name == "wrong shape", f"{name}: loaded without error"
         assert torch.equal(loaded.blocks[2].weight.qdata, model.blocks[2].weight.qdata)
+
+
+def test_quantize_matches_transformers_and_saves(llama_dir, tmp_path, llama_ids) -> None:  # type: ignore[no-untyped-def]
+    """quantsave.quantize with a torchao config quantizes the layers transformers quantizes on
+    load (all Linear but lm_head), to the same tensors; the model then saves with no arguments."""
+    ao = aoq.Int8WeightOnlyConfig()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        llama_dir, quantization_config=transformers.TorchAoConfig(ao), dtype=torch.bfloat16
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16)
+    qs.quantize(model, qs.TorchAoConfig(ao))
+    ours_sd, ref_sd = model.state_dict(), ref.state_dict()
+    assert list(ours_sd) == list(ref_sd)
+    for k, t in ref_sd.items():
+        assert type(ours_sd[k]) is type(t), k
+        if type(t).__name__ == "Int8Tensor":
+            assert torch.equal(ours_sd[k].qdata, t.qdata) and torch.equal(ours_sd[k].scale, t.scale), k
+        else:
+            assert torch.equal(ours_sd[k], t), k
+    assert type(model.lm_head.weight) is torch.nn.Parameter and type(model.lm_head.weight.data) is torch.Tensor
+    qs.save_quantized(model, tmp_path / "qs")
+    ref.save_pretrained(tmp_path / "hf")
+    same_files(tmp_path / "qs", tmp_path / "hf")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qs")
+    assert torch.equal(_logits(reloaded, llama_ids), _logits(ref, llama_ids))

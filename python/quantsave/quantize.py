@@ -1,6 +1,7 @@
-"""``quantize``: swap a model's ``nn.Linear`` layers for bitsandbytes layers and record the config
-so ``save_quantized`` needs no arguments. CPU weights are quantized by the Rust codec
-(``quantsave.codec``, bit-compatible with bitsandbytes); weights on an accelerator by bitsandbytes."""
+"""``quantize``: quantize a model's ``nn.Linear`` layers in place and record the config so
+``save_quantized`` needs no arguments. bitsandbytes: the layers become bitsandbytes layers; CPU
+weights are quantized by the Rust codec (``quantsave.codec``, bit-compatible with bitsandbytes),
+weights on an accelerator by bitsandbytes. torchao: torchao's ``quantize_`` on the same layers."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 from quantsave import codec
 from quantsave.config.base import resolve_config
 from quantsave.config.bnb import BitsAndBytesConfig
+from quantsave.config.torchao import TorchAoConfig
 from quantsave.quantizers.bnb import import_bnb
 
 __all__ = ["quantize"]
@@ -25,7 +27,7 @@ def quantize(model: nn.Module, quantization_config: Any, *, modules_to_not_conve
 
     Args:
         model: any module; its ``nn.Linear`` layers are replaced.
-        quantization_config: a bitsandbytes config (quantsave, diffusers or transformers object, or dict).
+        quantization_config: a bitsandbytes or torchao config (quantsave, diffusers or transformers object, or dict).
         modules_to_not_convert: names (or name parts) of Linear layers to keep in float; the config's
             ``llm_int8_skip_modules`` and the model's ``_keep_in_fp32_modules`` are skipped too.
 
@@ -33,9 +35,11 @@ def quantize(model: nn.Module, quantization_config: Any, *, modules_to_not_conve
         ValueError: a config quantsave cannot apply.
     """
     config = resolve_config(quantization_config)
+    if isinstance(config, TorchAoConfig):
+        return _quantize_torchao(model, config, list(modules_to_not_convert or []))
     if not isinstance(config, BitsAndBytesConfig) or config.bits == 0:
         method = config.method if config is not None else None
-        raise ValueError(f"quantize supports bitsandbytes 4-bit and 8-bit configs, got {method!r}")
+        raise ValueError(f"quantize supports bitsandbytes 4-bit and 8-bit configs and torchao configs, got {method!r}")
     bnb = import_bnb()
     skip = list(modules_to_not_convert or []) + list(config.llm_int8_skip_modules or [])
     skip += list(getattr(model, "_keep_in_fp32_modules", None) or [])
@@ -110,5 +114,27 @@ def quantize(model: nn.Module, quantization_config: Any, *, modules_to_not_conve
             new.bias = nn.Parameter(bias.detach(), requires_grad=False)
         new = new.to(device)
         setattr(parent, leaf, new)
+    model._quantsave_config = config  # type: ignore[assignment]
+    return model
+
+
+def _quantize_torchao(model: nn.Module, config: TorchAoConfig, skip: list[str]) -> nn.Module:
+    """torchao's ``quantize_`` over the model's ``nn.Linear`` layers, skipping what diffusers and
+    transformers skip: ``modules_to_not_convert``, ``_keep_in_fp32_modules`` and, for
+    transformers models, the output embeddings."""
+    try:
+        from torchao.quantization import quantize_
+    except ImportError as e:
+        raise ImportError("torchao quantization needs torchao: pip install 'torchao>=0.16'") from e
+    skip = skip + list(config.modules_to_not_convert or []) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    if output is not None and not config.include_input_output_embeddings:
+        skip += [n for n, m in model.named_modules() if m is output]
+    quantize_(
+        model,
+        config.quant_type,
+        filter_fn=lambda m, fqn: type(m) is nn.Linear and bool(fqn) and not _skipped(fqn, skip),
+    )
     model._quantsave_config = config  # type: ignore[assignment]
     return model
