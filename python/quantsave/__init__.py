@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from quantsave._core import __version__
 from quantsave.api import load_quantized, load_state_dict, save_quantized
-from quantsave.config import BitsAndBytesConfig, GGUFQuantizationConfig, QuantizationConfig, TorchAoConfig
+from quantsave.config import BitsAndBytesConfig, GGUFQuantizationConfig, QuantizationConfig, QuantoConfig, TorchAoConfig
 from quantsave.errors import CheckpointError, NotSerializableError
+from quantsave.gguf import load_gguf, save_gguf
 from quantsave.quantize import quantize
 from quantsave.save import SaveResult
 
@@ -15,11 +16,14 @@ __all__ = [
     "GGUFQuantizationConfig",
     "NotSerializableError",
     "QuantizationConfig",
+    "QuantoConfig",
     "SaveResult",
     "TorchAoConfig",
     "__version__",
+    "load_gguf",
     "load_quantized",
     "load_state_dict",
     "quantize",
+    "save_gguf",
     "save_quantized",
 ]

@@ -222,6 +222,12 @@ def load_model(
     if model is None:
         model = build_skeleton(path if path.is_dir() else path.parent, read_config(path if path.is_dir() else path.parent))
     loaded = set(state_dict)
+    folder = path if path.is_dir() else path.parent
+    if qconfig is None and (folder / "quanto_qmap.json").is_file():
+        # optimum-quanto's own layout: the quantization map stands in for quantization_config.
+        from quantsave.quantizers.quanto import config_from_qmap
+
+        qconfig = config_from_qmap(folder / "quanto_qmap.json")
     if qconfig is not None:
         quantizer = get_quantizer(qconfig)
         try:

@@ -12,6 +12,7 @@ from torch import nn
 from quantsave import codec
 from quantsave.config.base import resolve_config
 from quantsave.config.bnb import BitsAndBytesConfig
+from quantsave.config.quanto import QuantoConfig
 from quantsave.config.torchao import TorchAoConfig
 from quantsave.quantizers.bnb import import_bnb
 
@@ -37,9 +38,11 @@ def quantize(model: nn.Module, quantization_config: Any, *, modules_to_not_conve
     config = resolve_config(quantization_config)
     if isinstance(config, TorchAoConfig):
         return _quantize_torchao(model, config, list(modules_to_not_convert or []))
+    if isinstance(config, QuantoConfig):
+        return _quantize_quanto(model, config, list(modules_to_not_convert or []))
     if not isinstance(config, BitsAndBytesConfig) or config.bits == 0:
         method = config.method if config is not None else None
-        raise ValueError(f"quantize supports bitsandbytes 4-bit and 8-bit configs and torchao configs, got {method!r}")
+        raise ValueError(f"quantize supports bitsandbytes 4-bit and 8-bit, torchao and optimum-quanto configs, got {method!r}")
     bnb = import_bnb()
     skip = list(modules_to_not_convert or []) + list(config.llm_int8_skip_modules or [])
     skip += list(getattr(model, "_keep_in_fp32_modules", None) or [])
@@ -126,15 +129,37 @@ def _quantize_torchao(model: nn.Module, config: TorchAoConfig, skip: list[str]) 
         from torchao.quantization import quantize_
     except ImportError as e:
         raise ImportError("torchao quantization needs torchao: pip install 'torchao>=0.16'") from e
-    skip = skip + list(config.modules_to_not_convert or []) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    get_output = getattr(model, "get_output_embeddings", None)
-    output = get_output() if callable(get_output) else None
-    if output is not None and not config.include_input_output_embeddings:
-        skip += [n for n, m in model.named_modules() if m is output]
+    skip = _skip_list(model, skip, config.modules_to_not_convert, skip_output=not config.include_input_output_embeddings)
     quantize_(
         model,
         config.quant_type,
         filter_fn=lambda m, fqn: type(m) is nn.Linear and bool(fqn) and not _skipped(fqn, skip),
     )
     model._quantsave_config = config  # type: ignore[assignment]
+    return model
+
+
+def _skip_list(model: nn.Module, skip: list[str], config_skip: list[str] | None, *, skip_output: bool) -> list[str]:
+    """The caller's and the config's names, the model's ``_keep_in_fp32_modules`` and, as
+    transformers does, its output embeddings."""
+    skip = skip + list(config_skip or []) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    if output is not None and skip_output:
+        skip += [n for n, m in model.named_modules() if m is output]
+    return skip
+
+
+def _quantize_quanto(model: nn.Module, config: QuantoConfig, skip: list[str]) -> nn.Module:
+    """optimum-quanto weight-only quantization of the model's ``nn.Linear`` layers (only Linear
+    layers: the diffusers format has no place for quanto's other layer types), then ``freeze``."""
+    from quantsave.quantizers.quanto import QuantoQuantizer, import_quanto, qtype_name
+
+    quanto = import_quanto()
+    skip = _skip_list(model, skip, config.modules_to_not_convert, skip_output=True)
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n and not _skipped(n, skip)]
+    if names:
+        quanto.quantize(model, weights=quanto.qtypes[qtype_name(config.weights_dtype)], include=names)
+        quanto.freeze(model)
+    model._quantsave_config = QuantoQuantizer.config_from_model(model)  # type: ignore[assignment]
     return model

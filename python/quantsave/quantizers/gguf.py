@@ -1,5 +1,6 @@
 """GGUF: recognized so it can be refused. The Hugging Face format has no place for the
-per-tensor GGML type, which lives only in memory, so a save would lose it."""
+per-tensor GGML type, which lives only in memory, so a save would lose it; ``quantsave.gguf``
+exports such a model as a ``.gguf`` file instead."""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ class GGUFQuantizer(Quantizer):
     not_serializable_reason = (
         "each GGUF tensor's GGML quantization type lives only in memory (on the GGUFParameter), "
         "so a safetensors checkpoint cannot record it and could not be loaded back; "
-        "keep the original .gguf file and load it with from_single_file(..., quantization_config="
-        "GGUFQuantizationConfig(...)), or quantize the model with bitsandbytes, torchao or "
-        "optimum-quanto before saving"
+        "export it with quantsave.save_gguf(model, 'model.gguf') instead, which writes a .gguf file "
+        "keeping every tensor's GGML type (load it with quantsave.load_gguf, or diffusers' "
+        "from_single_file(..., config=<folder>, quantization_config=GGUFQuantizationConfig(...))), "
+        "or quantize the model with bitsandbytes, torchao or optimum-quanto before saving"
     )
 
     @classmethod

@@ -9,12 +9,13 @@ from quantsave.config.base import QuantizationConfig
 from quantsave.quantizers.base import Quantizer
 from quantsave.quantizers.bnb import BitsAndBytesQuantizer
 from quantsave.quantizers.gguf import GGUFQuantizer
+from quantsave.quantizers.quanto import QuantoQuantizer
 from quantsave.quantizers.torchao import TorchAoQuantizer
 
 __all__ = ["detect_quantizer", "get_quantizer", "registered_methods"]
 
 _REGISTRY: dict[str, type[Quantizer]] = {
-    q.quant_method: q for q in (BitsAndBytesQuantizer, GGUFQuantizer, TorchAoQuantizer)
+    q.quant_method: q for q in (BitsAndBytesQuantizer, GGUFQuantizer, QuantoQuantizer, TorchAoQuantizer)
 }
 
 
