@@ -760,8 +760,9 @@ fn bf16_bits(v: f32) -> u16 {
 }
 
 /// Quantizes `values - offset` blockwise with the signed dynamic map (nested quantization of
-/// absmax), as bitsandbytes' CPU kernel does: per block `absmax = max |v|`, `z = v / absmax`
-/// in f32, and the code its search picks for `z` (see `DYNAMIC_THRESHOLDS`).
+/// absmax), as bitsandbytes' CPU kernel does: per block `absmax = max |v|`,
+/// `z = v * (1 / absmax)` in f32, and the code its search picks for `z` (see
+/// `DYNAMIC_THRESHOLDS`; NaN, from 0 * inf, takes code 0).
 /// Returns the codes and the per-block absmax.
 pub fn quantize_dynamic(
     values: &[f32],
@@ -786,8 +787,11 @@ pub fn quantize_dynamic(
                 .iter()
                 .fold(f32::MIN, |acc, v| acc.max((v - offset).abs()));
             *am = m;
+            // bitsandbytes' kernel computes `x / absmax` as `x * (1 / absmax)` (one rounding more;
+            // 1 / absmax overflows to infinity below 2**-128, which saturates the codes).
+            let inv = 1.0 / m;
             for (o, &v) in out.iter_mut().zip(vals) {
-                let z = (v - offset) / m;
+                let z = (v - offset) * inv;
                 *o = if z.is_nan() {
                     0
                 } else {
