@@ -228,8 +228,8 @@ pub fn num_blocks(n: usize, blocksize: usize) -> usize {
 /// Per block: `absmax = max |x|`; full blocks scale with `x * (1 / absmax)`, the last partial
 /// block with `x / absmax` (both in f32, absmax clamped to 1e-38, results clamped to [-1, 1]);
 /// each value takes the nearest code, ties to the lower code. For fp4, a value that rounds to
-/// zero gets the sign bit when `x < 0` (bitsandbytes' CUDA rule; its CPU path sets it for
-/// small positive values instead). The stored absmax of the last partial block is the clamped one.
+/// zero gets the sign bit when its scaled value is negative (bitsandbytes' CUDA rule: `x < 0`
+/// unless `x / absmax` underflows to -0.0; its CPU path sets it for small positive values instead). The stored absmax of the last partial block is the clamped one.
 ///
 /// `packed` must hold `packed_len(n)` bytes and `absmax` `num_blocks(n, blocksize)` floats.
 /// Non-finite input is an error.
@@ -829,7 +829,7 @@ pub fn quantize_int8_rows(
     q: &mut [i8],
     scb: &mut [f32],
 ) -> Result<()> {
-    if input.len() != rows * cols || q.len() != input.len() || scb.len() != rows {
+    if rows.checked_mul(cols) != Some(input.len()) || q.len() != input.len() || scb.len() != rows {
         return Err(Error::invalid(
             "int8 quantization: buffer sizes do not match rows x cols",
         ));
@@ -884,7 +884,7 @@ pub fn quantize_int8_rows(
 
 /// Undoes [`quantize_int8_rows`]: `q * SCB[r] / 127` in f32.
 pub fn dequantize_int8_rows(q: &[i8], scb: &[f32], cols: usize, out: &mut [f32]) -> Result<()> {
-    if cols == 0 || q.len() != out.len() || q.len() != scb.len() * cols {
+    if cols == 0 || q.len() != out.len() || scb.len().checked_mul(cols) != Some(q.len()) {
         return Err(Error::invalid(
             "int8 dequantization: buffer sizes do not match",
         ));

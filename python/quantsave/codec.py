@@ -10,7 +10,8 @@ byte ``k``, element ``2k + 1`` in the low nibble::
     bytes   [x0 << 4 | x1] [x2 << 4 | code(0.0)]
 
 One deliberate difference: fp4 values that round to zero get the sign bit when ``x < 0``
-(bitsandbytes' CUDA rule); bitsandbytes' CPU path sets it for tiny positive values instead.
+(bitsandbytes' CUDA rule, applied to the scaled value: an ``x / absmax`` that underflows to -0.0
+gets no sign bit); bitsandbytes' CPU path sets it for tiny positive values instead.
 """
 
 from __future__ import annotations
@@ -168,6 +169,8 @@ def quantize_8bit(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scb = torch.empty((rows,), dtype=torch.float32)
     if x.numel():
         _core.quantize_int8_rows(byte_view(x), rows, cols, byte_view(q), byte_view(scb))
+    else:
+        scb.zero_()  # rows of no values: absmax 0
     return q, scb
 
 
