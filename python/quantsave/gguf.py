@@ -466,19 +466,6 @@ def _skeleton(path: Path, kv: dict[str, tuple[int, Any]]) -> nn.Module:
             raise CheckpointError(f"invalid GGUF file {path}: {KEY_CONFIG} is not valid JSON: {e}") from e
         if not isinstance(config, dict):
             raise CheckpointError(f"invalid GGUF file {path}: {KEY_CONFIG} is not a JSON object")
-    if config is not None and "_class_name" not in config and config.get("architectures") and "model_type" in config:
-        try:
-            import transformers
-        except ImportError as e:
-            raise ImportError("building this transformers model needs transformers: pip install transformers") from e
-        name = config["architectures"][0]
-        cls = getattr(transformers, name, None)
-        if cls is None:
-            raise ValueError(f"transformers has no model class {name!r}")
-        init = {k: v for k, v in config.items() if k != "quantization_config"}
-        hf_config = transformers.AutoConfig.for_model(**init)
-        with _empty_weights():
-            return cls._from_config(hf_config)  # type: ignore[no-any-return]
     if config is None:
         raise ValueError(
             f"{str(path)!r} records no model config and has no config.json beside it; pass the model: load_gguf(path, model)"

@@ -199,7 +199,11 @@ def build_skeleton(directory: Path, config: dict[str, Any] | None) -> nn.Module:
         cls = getattr(transformers, name, None)
         if cls is None:
             raise ValueError(f"transformers has no model class {name!r}")
-        hf_config = transformers.AutoConfig.from_pretrained(directory)
+        init = {k: v for k, v in config.items() if k != "quantization_config"}
+        if "model_type" in init:
+            hf_config = transformers.AutoConfig.for_model(**init)
+        else:
+            hf_config = transformers.AutoConfig.from_pretrained(directory)
         if hasattr(hf_config, "quantization_config"):
             del hf_config.quantization_config
         with _empty_weights():

@@ -318,12 +318,7 @@ class QuantoQuantizer(Quantizer):
         path = directory / QMAP_NAME
         if not path.is_file():
             return
-        try:
-            qmap = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"invalid checkpoint file {path}: not valid JSON: {e}") from e
-        if not isinstance(qmap, dict) or not all(isinstance(v, dict) for v in qmap.values()):
-            raise CheckpointError(f"invalid checkpoint file {path}: expected {{module: {{'weights', 'activations'}}}}")
+        qmap = read_qmap(path)
         for name, entry in qmap.items():
             if entry.get("activations", "none") != "none":
                 raise CheckpointError(
@@ -419,12 +414,7 @@ def config_from_qmap(path: Path) -> QuantoConfig:
     Raises:
         CheckpointError: the map is not valid JSON, mixes weight types or quantizes activations.
     """
-    try:
-        qmap = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"invalid checkpoint file {path}: not valid JSON: {e}") from e
-    if not isinstance(qmap, dict) or not all(isinstance(v, dict) for v in qmap.values()):
-        raise CheckpointError(f"invalid checkpoint file {path}: expected {{module: {{'weights', 'activations'}}}}")
+    qmap = read_qmap(path)
     kinds = {str(v.get("weights", "none")) for v in qmap.values()} - {"none"}
     if any(v.get("activations", "none") != "none" for v in qmap.values()):
         raise CheckpointError(f"{path}: quantized activations cannot be loaded (weight-only checkpoints only)")
@@ -440,3 +430,18 @@ def config_from_qmap(path: Path) -> QuantoConfig:
 def qtype_name(weights_dtype: str) -> str:
     """optimum-quanto's qtype name for a config's ``weights_dtype`` (``"int4"`` -> ``"qint4"``)."""
     return _QTYPE_OF[weights_dtype]
+
+
+def read_qmap(path: Path) -> dict[str, dict[str, Any]]:
+    """``quanto_qmap.json``: ``{module: {"weights": qtype, "activations": qtype}}``.
+
+    Raises:
+        CheckpointError: not valid JSON, or not that shape.
+    """
+    try:
+        qmap = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"invalid checkpoint file {path}: not valid JSON: {e}") from e
+    if not isinstance(qmap, dict) or not all(isinstance(v, dict) for v in qmap.values()):
+        raise CheckpointError(f"invalid checkpoint file {path}: expected {{module: {{'weights', 'activations'}}}}")
+    return qmap
