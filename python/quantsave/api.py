@@ -11,6 +11,8 @@ from torch import nn
 from quantsave.config.base import QuantizationConfig
 from quantsave.load import load_model
 from quantsave.load import load_state_dict as _load_state_dict
+from quantsave.families import is_pipeline
+from quantsave.pipeline import save_pipeline
 from quantsave.save import SaveResult, save_model
 
 __all__ = ["save_quantized", "load_quantized", "load_state_dict"]
@@ -31,10 +33,14 @@ def save_quantized(
     """Saves a quantized (or plain) model as a checkpoint ``from_pretrained`` loads as pre-quantized.
 
     Args:
-        model_or_pipeline: a diffusers or transformers model, or any ``nn.Module``.
+        model_or_pipeline: a diffusers or transformers model, any ``nn.Module``, or a diffusers
+            ``DiffusionPipeline`` (``model_index.json`` plus one subfolder per component:
+            quantized models through quantsave, the rest through their own ``save_pretrained``).
         save_directory: target folder (created if missing).
         quantization_config: overrides the config read off the model (quantsave, diffusers or
-            transformers config object, or dict).
+            transformers config object, or dict). For a pipeline: a mapping from component
+            name to config, or a diffusers ``PipelineQuantizationConfig`` with ``quant_mapping``;
+            a named component that is not quantized yet is quantized in place first.
         safe_serialization: safetensors (default) or the pickle ``.bin`` form.
         max_shard_size: bytes or a string like ``"5GB"`` (decimal units); default ``"10GB"`` for
             diffusers and plain modules, ``"50GB"`` for transformers models.
@@ -51,6 +57,18 @@ def save_quantized(
         ValueError: bad input (meta, sparse or shared tensors, bad names or sizes), before writing.
         OSError: the folder cannot be written; no partial file is left behind.
     """
+    if is_pipeline(model_or_pipeline):
+        if weights_name is not None or metadata is not None:
+            raise ValueError("weights_name and metadata apply to a single model, not to a pipeline")
+        return save_pipeline(
+            model_or_pipeline,
+            save_directory,
+            quantization_config=quantization_config,
+            safe_serialization=safe_serialization,
+            max_shard_size=max_shard_size,
+            variant=variant,
+            progress=progress,
+        )
     return save_model(
         model_or_pipeline,
         save_directory,

@@ -245,7 +245,7 @@ def save_model(
     """Saves one model (see ``quantsave.save_quantized``)."""
     t0 = time.perf_counter()
     if is_pipeline(model):
-        raise ValueError("saving a whole DiffusionPipeline is not supported yet; save each component with save_quantized")
+        raise ValueError("save_model saves one model; save a DiffusionPipeline with quantsave.save_quantized")
     if not isinstance(model, nn.Module):
         raise ValueError(f"expected a torch.nn.Module, got {type(model).__name__}")
     family = family_of(model)
