@@ -2,18 +2,9 @@
 type (what a safetensors checkpoint cannot record), ``load_gguf`` reads one back into
 diffusers' ``GGUFParameter``/``GGUFLinear`` with the same bytes.
 
-Owns the file's tensor-type policy and quantsave KV keys, the atomic write, and a bounded
-reader: ``gguf.GGUFReader`` loops forever on a corrupt array count, so this one checks every
-count, size and offset against the file first. ``gguf`` (writer, GGML types, quantizers) and
+Owns the file's tensor-type policy and quantsave KV keys and the atomic write; the bounded
+reader of the container is ``quantsave.gguf_reader``. ``gguf`` (writer, GGML types, quantizers) and
 diffusers (``GGUFParameter``, ``GGUFLinear``) are imported only when a function needs them.
-
-File layout (GGUF v3, little-endian; what ``gguf.GGUFWriter`` writes)::
-
-    "GGUF" u32 version | u64 n_tensors | u64 n_kv
-    n_kv x  (u64 len, utf-8 key) u32 value_type value
-    n_tensors x (u64 len, utf-8 name) u32 n_dims u64 dims[n_dims] (innermost first)
-                u32 ggml_type u64 offset (from the data section, a multiple of the alignment)
-    zero padding to the alignment (32, or ``general.alignment``) | tensor data
 """
 
 from __future__ import annotations
@@ -21,11 +12,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import math
-import mmap
 import os
 import re
-import struct
 import sys
 import time
 from collections.abc import Callable
@@ -44,6 +32,11 @@ from quantsave.errors import CheckpointError
 from quantsave.families import DIFFUSERS, PLAIN, family_of, is_pipeline, model_config_files
 from quantsave.load import _empty_weights, build_skeleton, read_config
 from quantsave.save import SaveResult, _fsync_enabled
+from quantsave.gguf_reader import ALIGNMENT_KEY as _ALIGNMENT
+from quantsave.gguf_reader import MAX_DIMS as _MAX_DIMS
+from quantsave.gguf_reader import STRING as _STRING
+from quantsave.gguf_reader import TensorInfo as _TensorInfo
+from quantsave.gguf_reader import map_gguf as _map
 from quantsave.tensors import byte_view, is_wrapper_subclass, tensor_from_map
 
 __all__ = ["QUANTIZE_TYPES", "load_gguf", "save_gguf"]
@@ -54,7 +47,6 @@ KEY_CLASS = "quantsave.class_name"
 KEY_CONFIG = "quantsave.config"
 KEY_VERSION = "quantsave.version"
 _ARCH = "general.architecture"
-_ALIGNMENT = "general.alignment"
 _QUANT_VERSION = "general.quantization_version"
 _RESERVED = {KEY_LIBRARY, KEY_CLASS, KEY_CONFIG, KEY_VERSION, _ARCH, _ALIGNMENT, _QUANT_VERSION}
 
@@ -67,13 +59,6 @@ _TORCH_TO_GGML = {
 }  # fmt: skip
 #: Types ``save_gguf(quant_type=...)`` offers: gguf has a quantizer and diffusers a kernel.
 QUANTIZE_TYPES = ("BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
-_MAX_DIMS = 8
-_MAX_NESTING = 4
-_GGUF_VERSIONS = (2, 3)
-_DEFAULT_ALIGNMENT = 32
-# Scalar KV value types: GGUFValueType value -> struct format.
-_SCALAR_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY, _UINT32 = 8, 9, 4
 _COUNTER = itertools.count()
 
 
@@ -303,150 +288,6 @@ def save_gguf(
         result.total_bytes += len(config_text.encode())
     result.seconds = time.perf_counter() - t0
     return result
-
-
-# --- the container reader -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _TensorInfo:
-    name: str
-    ggml_type: int
-    shape: tuple[int, ...]  # logical, torch order
-    start: int  # absolute offset in the file
-    nbytes: int
-
-
-class _Cursor:
-    """Reads little-endian values from ``buf``, never past its end."""
-
-    def __init__(self, buf: Any, path: Path) -> None:
-        self.buf, self.path, self.pos, self.size = buf, path, 0, len(buf)
-
-    def bad(self, msg: str) -> CheckpointError:
-        return CheckpointError(f"invalid GGUF file {self.path}: {msg}")
-
-    def take(self, n: int, what: str) -> int:
-        if n > self.size - self.pos:
-            raise self.bad(f"truncated: {what} needs {n} bytes at offset {self.pos}, the file has {self.size}")
-        start, self.pos = self.pos, self.pos + n
-        return start
-
-    def unpack(self, fmt: str, what: str) -> tuple[Any, ...]:
-        return struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt), what))
-
-    def string(self, what: str, decode: bool = True) -> str:
-        (n,) = self.unpack("<Q", what)
-        start = self.take(n, what)
-        if not decode:
-            return ""
-        try:
-            return bytes(self.buf[start : start + n]).decode("utf-8")
-        except UnicodeDecodeError:
-            raise self.bad(f"{what} at offset {start} is not UTF-8") from None
-
-    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
-        """One KV value; arrays are skipped (checked, not kept) and read as None."""
-        if vtype in _SCALAR_FMT:
-            return self.unpack(_SCALAR_FMT[vtype], what)[0]
-        if vtype == _STRING:
-            return self.string(what)
-        if vtype != _ARRAY:
-            raise self.bad(f"{what} has unknown value type {vtype}")
-        if depth >= _MAX_NESTING:
-            raise self.bad(f"{what} nests arrays more than {_MAX_NESTING} deep")
-        itype, count = self.unpack("<IQ", what)
-        if itype in _SCALAR_FMT:
-            self.take(count * struct.calcsize(_SCALAR_FMT[itype]), what)
-            return None
-        least = {_STRING: 8, _ARRAY: 12}.get(itype)
-        if least is None:
-            raise self.bad(f"{what} is an array of unknown value type {itype}")
-        if count * least > self.size - self.pos:
-            raise self.bad(f"truncated: {what} claims {count} elements, more than the file can hold")
-        for _ in range(count):
-            if itype == _STRING:
-                self.string(what, decode=False)
-            else:
-                self.value(_ARRAY, what, depth + 1)
-        return None
-
-
-def _parse(buf: Any, path: Path, gguf: ModuleType) -> tuple[dict[str, tuple[int, Any]], list[_TensorInfo]]:
-    """The KV entries (key -> (value type, value)) and tensor infos of a GGUF file, validated."""
-    cur = _Cursor(buf, path)
-    magic = bytes(buf[:4])
-    if magic != b"GGUF":
-        raise cur.bad(f"bad magic {magic!r} (expected b'GGUF')")
-    cur.take(4, "magic")
-    (version,) = cur.unpack("<I", "version")
-    if version not in _GGUF_VERSIONS:
-        raise cur.bad(f"GGUF version {version} is not supported (only {_GGUF_VERSIONS}, little-endian)")
-    n_tensors, n_kv = cur.unpack("<QQ", "counts")
-    if n_kv * 13 > cur.size - cur.pos or n_tensors * 24 > cur.size - cur.pos:
-        raise cur.bad(f"truncated: {n_kv} KV entries and {n_tensors} tensors cannot fit in {cur.size} bytes")
-    kv: dict[str, tuple[int, Any]] = {}
-    for _ in range(n_kv):
-        key = cur.string("a KV key")
-        (vtype,) = cur.unpack("<I", f"KV {key!r}")
-        if key in kv:
-            raise cur.bad(f"duplicate KV key {key!r}")
-        kv[key] = (vtype, cur.value(vtype, f"KV {key!r}"))
-    alignment = _DEFAULT_ALIGNMENT
-    if _ALIGNMENT in kv:
-        vtype, alignment = kv[_ALIGNMENT]
-        if vtype != _UINT32 or alignment <= 0 or alignment & (alignment - 1):
-            raise cur.bad(f"{_ALIGNMENT} must be a u32 power of two, got {alignment!r}")
-    raw: list[tuple[str, int, tuple[int, ...], int]] = []
-    names: set[str] = set()
-    for _ in range(n_tensors):
-        name = cur.string("a tensor name")
-        (n_dims,) = cur.unpack("<I", f"tensor {name!r}")
-        if n_dims > _MAX_DIMS:
-            raise cur.bad(f"tensor {name!r} has {n_dims} dimensions (at most {_MAX_DIMS})")
-        dims = cur.unpack(f"<{n_dims}Q", f"tensor {name!r}")
-        ggml, offset = cur.unpack("<IQ", f"tensor {name!r}")
-        if name in names:
-            raise cur.bad(f"duplicate tensor {name!r}")
-        names.add(name)
-        raw.append((name, ggml, tuple(reversed(dims)), offset))
-    data_start = -(-cur.pos // alignment) * alignment
-    infos = []
-    for name, ggml, shape, offset in raw:
-        try:
-            qt = gguf.GGMLQuantizationType(ggml)
-            block, size = gguf.GGML_QUANT_SIZES[qt]
-        except (ValueError, KeyError):
-            raise cur.bad(f"tensor {name!r} has unknown GGML type {ggml}") from None
-        numel = math.prod(shape)
-        if block > 1 and (not shape or shape[-1] % block):
-            raise cur.bad(f"tensor {name!r} of type {qt.name} has rows of {shape[-1:]} values, not whole {block}-value blocks")
-        nbytes = numel // block * size
-        if offset % alignment:
-            raise cur.bad(f"tensor {name!r} starts at data offset {offset}, not a multiple of the alignment {alignment}")
-        start = data_start + offset
-        if start + nbytes > cur.size:
-            raise cur.bad(
-                f"tensor {name!r} ({qt.name} {list(shape)}) needs bytes {start}..{start + nbytes}, the file has {cur.size}"
-            )
-        infos.append(_TensorInfo(name, ggml, shape, start, nbytes))
-    spans = sorted((i.start, i.start + i.nbytes, i.name) for i in infos if i.nbytes)
-    for (_, e0, a), (s1, _, b) in zip(spans, spans[1:]):
-        if s1 < e0:
-            raise cur.bad(f"tensors {a!r} and {b!r} overlap")
-    return kv, infos
-
-
-def _map(path: Path, gguf: ModuleType) -> tuple[dict[str, tuple[int, Any]], list[_TensorInfo], torch.Tensor]:
-    """Validates ``path`` and maps it privately (copy-on-write): KV, tensor infos and a uint8
-    tensor over the whole file."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < 24:
-            raise CheckpointError(f"invalid GGUF file {path}: {size} bytes, shorter than a GGUF header")
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    kv, infos = _parse(mm, path, gguf)
-    return kv, infos, torch.frombuffer(mm, dtype=torch.uint8)
 
 
 # --- import ---------------------------------------------------------------------------------
