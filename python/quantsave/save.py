@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from quantsave import _core
-from quantsave.config.base import QuantizationConfig, resolve_config
+from quantsave.config.base import resolve_config
 from quantsave.errors import NotSerializableError
 from quantsave.families import (
     TRANSFORMERS,
