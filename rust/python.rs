@@ -247,6 +247,81 @@ fn read_header<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDic
     header_to_py(py, &h)
 }
 
+/// A safetensors file written tensor by tensor (see `quantsave::safetensors::StreamWriter`):
+/// `StreamWriter(path, [(name, dtype, shape)], metadata)`, then `write(name, buffer)` per
+/// tensor in any order (without the GIL), then `finish(fsync=False)`; `abort()` or dropping it
+/// unfinished removes the temporary file.
+#[pyclass(module = "quantsave._core")]
+struct StreamWriter {
+    inner: Option<st::StreamWriter>,
+}
+
+impl StreamWriter {
+    fn open(&mut self) -> PyResult<&mut st::StreamWriter> {
+        self.inner.as_mut().ok_or_else(|| {
+            PyValueError::new_err("this StreamWriter is already finished or aborted")
+        })
+    }
+}
+
+#[pymethods]
+impl StreamWriter {
+    #[new]
+    #[pyo3(signature = (path, tensors, metadata=None))]
+    fn new(
+        path: PathBuf,
+        tensors: Vec<(String, String, Vec<u64>)>,
+        metadata: Option<BTreeMap<String, String>>,
+    ) -> PyResult<Self> {
+        let specs = tensors
+            .into_iter()
+            .map(|(name, dtype, shape)| {
+                Ok(st::TensorSpec {
+                    name,
+                    dtype: parse_dtype(&dtype)?,
+                    shape,
+                })
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let inner = st::StreamWriter::create(&path, &specs, metadata.as_ref()).map_err(to_py)?;
+        Ok(StreamWriter { inner: Some(inner) })
+    }
+
+    /// Writes one tensor's bytes (a contiguous buffer) at its place in the file.
+    fn write(&mut self, py: Python<'_>, name: &str, data: PyBuffer<u8>) -> PyResult<()> {
+        if !data.is_c_contiguous() {
+            return Err(PyValueError::new_err(format!(
+                "tensor {name:?}: buffer is not contiguous"
+            )));
+        }
+        // SAFETY: as in `write_shards`: a contiguous buffer its exporter keeps alive and in
+        // place while the PyBuffer (held for this call) exists.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(data.buf_ptr() as *const u8, data.len_bytes()) };
+        let writer = self.open()?;
+        detached(py, || writer.write(name, bytes))
+    }
+
+    /// Names of the tensors not written yet.
+    fn missing(&mut self) -> PyResult<Vec<String>> {
+        Ok(self.open()?.missing())
+    }
+
+    /// Renames the complete file into place (after an fsync if asked); returns its size.
+    #[pyo3(signature = (*, fsync=false))]
+    fn finish(&mut self, py: Python<'_>, fsync: bool) -> PyResult<u64> {
+        let writer = self.inner.take().ok_or_else(|| {
+            PyValueError::new_err("this StreamWriter is already finished or aborted")
+        })?;
+        detached(py, || writer.finish(fsync))
+    }
+
+    /// Drops the temporary file; the target is left as it was.
+    fn abort(&mut self) {
+        self.inner = None;
+    }
+}
+
 /// A validated safetensors file mapped into memory (private, copy-on-write). Exposes the whole
 /// file through the buffer protocol so tensors can view it without copies.
 #[pyclass(module = "quantsave._core", frozen)]
@@ -499,6 +574,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(render_index_json, m)?)?;
     m.add_function(wrap_pyfunction!(read_header, m)?)?;
     m.add_class::<MappedFile>()?;
+    m.add_class::<StreamWriter>()?;
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_dynamic, m)?)?;

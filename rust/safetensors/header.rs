@@ -54,6 +54,28 @@ pub struct Layout {
     pub file_size: u64,
 }
 
+/// A tensor's place in a header: name, type, shape (its bytes follow from them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<u64>,
+}
+
+impl TensorSpec {
+    /// Bytes of the tensor's data, or an error when the shape has no whole byte size.
+    pub fn byte_size(&self) -> Result<u64> {
+        numel(&self.shape)
+            .and_then(|n| self.dtype.byte_size(n))
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "tensor {:?}: shape {:?} of {} has no whole byte size",
+                    self.name, self.shape, self.dtype
+                ))
+            })
+    }
+}
+
 /// Computes the header bytes and data offsets for `tensors`.
 ///
 /// Rejects empty or duplicate names and byte lengths that do not match shape and dtype.
@@ -61,17 +83,57 @@ pub fn layout(
     tensors: &[TensorView<'_>],
     metadata: Option<&BTreeMap<String, String>>,
 ) -> Result<Layout> {
+    let entries: Vec<(&str, Dtype, &[u64], u64)> = tensors
+        .iter()
+        .map(|t| {
+            (
+                t.name.as_str(),
+                t.dtype,
+                t.shape.as_slice(),
+                t.data.len() as u64,
+            )
+        })
+        .collect();
+    layout_entries(&entries, |i| tensors[i].validate(), metadata)
+}
+
+/// [`layout`] for tensors known by name, type and shape only (their bytes come later).
+pub fn layout_specs(
+    tensors: &[TensorSpec],
+    metadata: Option<&BTreeMap<String, String>>,
+) -> Result<Layout> {
+    let entries: Vec<(&str, Dtype, &[u64], u64)> = tensors
+        .iter()
+        .map(|t| {
+            (
+                t.name.as_str(),
+                t.dtype,
+                t.shape.as_slice(),
+                t.byte_size().unwrap_or(0),
+            )
+        })
+        .collect();
+    layout_entries(&entries, |i| tensors[i].byte_size().map(|_| ()), metadata)
+}
+
+/// The layout of tensors given as (name, dtype, shape, byte size), each checked by `check`
+/// in file order.
+fn layout_entries(
+    tensors: &[(&str, Dtype, &[u64], u64)],
+    check: impl Fn(usize) -> Result<()>,
+    metadata: Option<&BTreeMap<String, String>>,
+) -> Result<Layout> {
     let mut order: Vec<usize> = (0..tensors.len()).collect();
     order.sort_by(|&a, &b| {
         let (ta, tb) = (&tensors[a], &tensors[b]);
-        tb.dtype.cmp(&ta.dtype).then_with(|| ta.name.cmp(&tb.name))
+        tb.1.cmp(&ta.1).then_with(|| ta.0.cmp(tb.0))
     });
     let mut seen = std::collections::HashSet::with_capacity(tensors.len());
     for t in tensors {
-        if !seen.insert(t.name.as_str()) {
+        if !seen.insert(t.0) {
             return Err(Error::invalid(format!(
                 "tensor name {:?} appears twice in one file",
-                t.name
+                t.0
             )));
         }
     }
@@ -94,21 +156,21 @@ pub fn layout(
     let mut rel_offsets = vec![0u64; tensors.len()];
     let mut cursor = 0u64;
     for &i in &order {
-        let t = &tensors[i];
-        if t.name.is_empty() || t.name == "__metadata__" {
-            return Err(Error::invalid(format!("invalid tensor name {:?}", t.name)));
+        let (name, dtype, shape, nbytes) = tensors[i];
+        if name.is_empty() || name == "__metadata__" {
+            return Err(Error::invalid(format!("invalid tensor name {name:?}")));
         }
-        t.validate()?;
-        let end = cursor + t.data.len() as u64;
+        check(i)?;
+        let end = cursor + nbytes;
         if !first {
             json.push(',');
         }
         first = false;
-        push_json_str(&mut json, &t.name);
+        push_json_str(&mut json, name);
         json.push_str(":{\"dtype\":\"");
-        json.push_str(t.dtype.name());
+        json.push_str(dtype.name());
         json.push_str("\",\"shape\":[");
-        for (j, d) in t.shape.iter().enumerate() {
+        for (j, d) in shape.iter().enumerate() {
             if j > 0 {
                 json.push(',');
             }

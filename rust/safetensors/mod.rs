@@ -5,6 +5,8 @@ pub mod header;
 pub mod read;
 pub mod write;
 
-pub use header::{Layout, TensorView, MAX_HEADER_SIZE};
+pub use header::{layout_specs, Layout, TensorSpec, TensorView, MAX_HEADER_SIZE};
 pub use read::{map_file, parse_header, read_header, Header, MappedFile, TensorInfo};
-pub use write::{write_bytes_atomic, write_shards, ShardSpec, WriteOptions, WriteStrategy};
+pub use write::{
+    write_bytes_atomic, write_shards, ShardSpec, StreamWriter, WriteOptions, WriteStrategy,
+};

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
-use super::header::{layout, Layout, TensorView};
+use super::header::{layout, layout_specs, Layout, TensorSpec, TensorView};
 use crate::error::{Error, Result};
 
 /// How bytes reach the file.
@@ -284,4 +284,141 @@ pub fn write_bytes_atomic(path: &Path, data: &[u8], fsync: bool) -> Result<()> {
         sync_dir(path.parent().unwrap_or(Path::new(".")))?;
     }
     Ok(())
+}
+
+/// A safetensors file whose header is fixed up front and whose tensors arrive one at a time,
+/// in any order, each written at its offset (`pwrite`), so a producer (a streaming converter)
+/// holds one tensor at a time. The file is a temporary sibling until [`StreamWriter::finish`]
+/// renames it into place; a writer dropped unfinished removes it, leaving the target untouched.
+#[derive(Debug)]
+pub struct StreamWriter {
+    path: PathBuf,
+    tmp: Option<PathBuf>,
+    file: File,
+    index: std::collections::HashMap<String, usize>,
+    offsets: Vec<u64>,
+    sizes: Vec<u64>,
+    written: Vec<bool>,
+    file_size: u64,
+}
+
+impl StreamWriter {
+    /// Creates the temporary file with its final header and size.
+    pub fn create(
+        path: &Path,
+        tensors: &[TensorSpec],
+        metadata: Option<&BTreeMap<String, String>>,
+    ) -> Result<Self> {
+        let lay = layout_specs(tensors, metadata)
+            .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+        let tmp = temp_path_for(path);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| Error::io(path, "create", e))?;
+        let writer = StreamWriter {
+            path: path.to_path_buf(),
+            tmp: Some(tmp),
+            file,
+            index: tensors
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.name.clone(), i))
+                .collect(),
+            offsets: lay.offsets,
+            sizes: tensors
+                .iter()
+                .map(TensorSpec::byte_size)
+                .collect::<Result<_>>()?,
+            written: vec![false; tensors.len()],
+            file_size: lay.file_size,
+        };
+        writer
+            .file
+            .set_len(lay.file_size)
+            .map_err(|e| Error::io(path, "allocate", e))?;
+        writer
+            .file
+            .write_all_at(&lay.header, 0)
+            .map_err(|e| Error::io(path, "write", e))?;
+        Ok(writer)
+    }
+
+    /// Writes tensor `name` (its bytes must match its dtype and shape; each tensor once).
+    pub fn write(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        let &i = self.index.get(name).ok_or_else(|| {
+            Error::invalid(format!(
+                "{}: no tensor {name:?} in this file",
+                self.path.display()
+            ))
+        })?;
+        if self.written[i] {
+            return Err(Error::invalid(format!(
+                "{}: tensor {name:?} was already written",
+                self.path.display()
+            )));
+        }
+        if data.len() as u64 != self.sizes[i] {
+            return Err(Error::invalid(format!(
+                "{}: tensor {name:?} needs {} bytes, got {}",
+                self.path.display(),
+                self.sizes[i],
+                data.len()
+            )));
+        }
+        self.file
+            .write_all_at(data, self.offsets[i])
+            .map_err(|e| Error::io(&self.path, "write", e))?;
+        self.written[i] = true;
+        Ok(())
+    }
+
+    /// Names of the tensors not written yet.
+    pub fn missing(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .index
+            .iter()
+            .filter(|(_, &i)| !self.written[i])
+            .map(|(n, _)| n.clone())
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Commits the file (fsync first if asked) once every tensor is written; returns its size.
+    pub fn finish(mut self, fsync: bool) -> Result<u64> {
+        let missing = self.missing();
+        if !missing.is_empty() {
+            return Err(Error::invalid(format!(
+                "{}: {} tensor(s) never written, e.g. {:?}",
+                self.path.display(),
+                missing.len(),
+                missing[0]
+            )));
+        }
+        if fsync {
+            self.file
+                .sync_all()
+                .map_err(|e| Error::io(&self.path, "fsync", e))?;
+        }
+        let tmp = self.tmp.clone().unwrap_or_default();
+        fs::rename(&tmp, &self.path).map_err(|e| Error::io(&self.path, "rename", e))?;
+        self.tmp = None;
+        if fsync {
+            if let Some(dir) = self.path.parent() {
+                sync_dir(dir)?;
+            }
+        }
+        Ok(self.file_size)
+    }
+}
+
+impl Drop for StreamWriter {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let _ = fs::remove_file(tmp);
+        }
+    }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use proptest::prelude::*;
 use quantsave::safetensors::{
     map_file, parse_header, read_header, write_bytes_atomic, write_shards, Header, ShardSpec,
-    TensorInfo, TensorView, WriteOptions, WriteStrategy, MAX_HEADER_SIZE,
+    StreamWriter, TensorInfo, TensorSpec, TensorView, WriteOptions, WriteStrategy, MAX_HEADER_SIZE,
 };
 use quantsave::{Dtype, Error};
 use tempfile::TempDir;
@@ -1403,4 +1403,86 @@ proptest! {
         }
         check_reader_total(&bytes)?;
     }
+}
+
+fn spec(t: &TensorView<'_>) -> TensorSpec {
+    TensorSpec {
+        name: t.name.clone(),
+        dtype: t.dtype,
+        shape: t.shape.clone(),
+    }
+}
+
+#[test]
+fn stream_writer_gives_the_bytes_of_write_shards_in_any_order() {
+    let dir = TempDir::new().unwrap();
+    let tensors = golden_tensors();
+    let md = meta(&[("format", "pt"), ("b", "two")]);
+    let expected = write_one(
+        dir.path(),
+        "ref.safetensors",
+        tensors.clone(),
+        Some(md.clone()),
+        &WriteOptions::default(),
+    );
+    let path = dir.path().join("stream.safetensors");
+    let specs: Vec<TensorSpec> = tensors.iter().map(spec).collect();
+    let mut w = StreamWriter::create(&path, &specs, Some(&md)).unwrap();
+    assert!(!path.exists(), "nothing at the target before finish");
+    for t in tensors.iter().rev() {
+        w.write(&t.name, t.data).unwrap();
+    }
+    assert!(w.missing().is_empty());
+    assert_eq!(w.finish(false).unwrap(), expected.len() as u64);
+    assert_eq!(fs::read(&path).unwrap(), expected);
+    assert_no_temporaries(dir.path());
+}
+
+#[test]
+fn stream_writer_rejects_bad_writes_and_never_commits_a_partial_file() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("model.safetensors");
+    fs::write(&path, b"old checkpoint").unwrap();
+    let data = f32_bytes(&[1.0, 2.0, 3.0, 4.0]);
+    let specs = vec![
+        TensorSpec {
+            name: "a".into(),
+            dtype: Dtype::F32,
+            shape: vec![2, 2],
+        },
+        TensorSpec {
+            name: "b".into(),
+            dtype: Dtype::F32,
+            shape: vec![4],
+        },
+    ];
+    let mut w = StreamWriter::create(&path, &specs, None).unwrap();
+    assert!(matches!(w.write("c", &data), Err(Error::InvalidInput(_))));
+    assert!(matches!(
+        w.write("a", &data[..8]),
+        Err(Error::InvalidInput(_))
+    ));
+    w.write("a", &data).unwrap();
+    assert!(matches!(w.write("a", &data), Err(Error::InvalidInput(_))));
+    assert_eq!(w.missing(), vec!["b".to_string()]);
+    // Finishing with a tensor missing fails and leaves the old file and no temporary.
+    assert!(matches!(w.finish(false), Err(Error::InvalidInput(_))));
+    assert_eq!(fs::read(&path).unwrap(), b"old checkpoint");
+    assert_no_temporaries(dir.path());
+    // So does dropping an unfinished writer.
+    let mut w = StreamWriter::create(&path, &specs, None).unwrap();
+    w.write("b", &data).unwrap();
+    drop(w);
+    assert_eq!(fs::read(&path).unwrap(), b"old checkpoint");
+    assert_no_temporaries(dir.path());
+    // Bad specs are refused before any file exists.
+    let dup = vec![specs[0].clone(), specs[0].clone()];
+    assert!(StreamWriter::create(&path, &dup, None).is_err());
+    let odd = vec![TensorSpec {
+        name: "x".into(),
+        dtype: Dtype::F4,
+        shape: vec![3],
+    }];
+    assert!(StreamWriter::create(&path, &odd, None).is_err());
+    assert_no_temporaries(dir.path());
 }
