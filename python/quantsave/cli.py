@@ -1,11 +1,146 @@
-"""The ``quantsave`` command line."""
+"""The ``quantsave`` command line: ``inspect``, ``verify`` and ``demo``.
+
+Exit codes: 0 success, 1 ``verify`` found problems (or the demo's check failed), 2 bad usage or
+input (a missing folder, not a checkpoint, a file ``inspect`` cannot read). Errors are one line
+on stderr; ``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, TypeVar
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
+
+_T = TypeVar("_T")
+
+INSPECT_EPILOG = """\
+examples:
+  quantsave inspect ./tiny-nf4
+  quantsave inspect ./tiny-nf4 --tensors
+  quantsave inspect ./tiny-nf4 --json | jq .compression_ratio
+
+--json keys (stable):
+  directory, index          folder, and index file name (null for a single file)
+  shards                    [{file, tensors, bytes}] (bytes: file size on disk)
+  tensor_count, tensor_bytes, disk_bytes
+  dtypes                    {safetensors dtype: {tensors, bytes}}
+  quant_method, quantization_config   from config.json (null when unquantized)
+  parameters                logical parameters (quantized weights unpacked)
+  float_dtype, float_bytes  the model's float dtype and parameters x its size
+  compression_ratio         float_bytes / disk_bytes
+  ratio_method              how the ratio was computed
+  tensors                   [{name, dtype, shape, bytes, file}]
+"""
+
+VERIFY_EPILOG = """\
+checks: every shard header (Rust reader: offsets, sizes, dtypes), the index (files exist,
+inside the folder, weight_map matches the shards), config.json (valid JSON, quantization_config
+resolves) and that the tensors have the layout of the config's method.
+
+exit status: 0 sound, 1 problems found (one line each on stdout), 2 bad usage or input.
+
+examples:
+  quantsave verify ./tiny-nf4
+  quantsave verify ./tiny-nf4 --quiet && echo ok
+"""
+
+DEMO_EPILOG = """\
+examples:
+  quantsave demo
+  quantsave demo --out ./tiny-nf4 --max-shard-size 500KB
+"""
+
+
+def _progress(args: argparse.Namespace, desc: str) -> Any:
+    """A wrapper that shows a tqdm bar over an iterable, silent with --quiet or without a TTY."""
+
+    def wrap(items: Iterable[_T]) -> Iterable[_T]:
+        if getattr(args, "quiet", False) or not sys.stderr.isatty():
+            return items
+        from tqdm import tqdm
+
+        seq = list(items)
+        return tqdm(seq, desc=desc, unit="shard", leave=False, disable=len(seq) < 2)  # type: ignore[no-any-return]
+
+    return wrap
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{n} B" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1000
+    return f"{n} B"
+
+
+def _print_summary(s: dict[str, Any], show_tensors: bool) -> None:
+    print(f"checkpoint   {s['directory']}" + (f"  (index {s['index']})" if s["index"] else ""))
+    print(f"tensors      {s['tensor_count']}  ({_human(s['tensor_bytes'])} of data)")
+    print(f"shards       {len(s['shards'])}  ({_human(s['disk_bytes'])} on disk)")
+    print()
+    print(f"{'shard':<48} {'tensors':>8} {'bytes':>14}")
+    for sh in s["shards"]:
+        print(f"{sh['file']:<48} {sh['tensors']:>8} {sh['bytes']:>14}")
+    print()
+    print(f"{'dtype':<10} {'tensors':>8} {'bytes':>14}")
+    for dt, d in s["dtypes"].items():
+        print(f"{dt:<10} {d['tensors']:>8} {d['bytes']:>14}")
+    print()
+    q = s["quantization_config"]
+    print("quantization " + (s["quant_method"] or "?") if q else "quantization none")
+    for k, v in sorted((q or {}).items()):
+        if k != "quant_method":
+            print(f"  {k} = {json.dumps(v)}")
+    print()
+    print(f"parameters   {s['parameters']}  (as {s['float_dtype']}: {_human(s['float_bytes'])})")
+    ratio = s["compression_ratio"]
+    print(f"compression  {ratio:.2f}x" if ratio is not None else "compression  n/a")
+    print(f"  computed as {s['ratio_method']}")
+    if show_tensors:
+        print()
+        width = max((len(t["name"]) for t in s["tensors"]), default=4)
+        print(f"{'tensor':<{width}} {'dtype':<8} {'shape':<16} {'bytes':>10}  file")
+        for t in s["tensors"]:
+            print(f"{t['name']:<{width}} {t['dtype']:<8} {str(t['shape']):<16} {t['bytes']:>10}  {t['file']}")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from quantsave.inspection import summarize
+
+    summary = summarize(Path(args.directory), variant=args.variant, progress=_progress(args, "reading headers"))
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        _print_summary(summary, args.tensors)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from quantsave.inspection import find_checkpoint
+    from quantsave.verification import verify_checkpoint
+
+    directory = Path(args.directory)
+    if args.checksums:
+        find_checkpoint(directory, args.variant)  # a missing folder is reported first
+        raise ValueError(
+            f"--checksums: no checksums are recorded in this checkpoint ({directory}); "
+            "quantsave does not write per-shard sha256 yet"
+        )
+    problems, count = verify_checkpoint(directory, variant=args.variant, progress=_progress(args, "verifying"))
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"quantsave: {len(problems)} problem(s) in {directory}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"ok: {directory} ({count} tensors)")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -15,16 +150,47 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
     parser = argparse.ArgumentParser(
         prog="quantsave",
         description="Save quantized PyTorch models as Hugging Face compatible checkpoints.",
+        epilog="run 'quantsave COMMAND --help' for a command's options and examples",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress bars or 'ok' line")
+    fmt = argparse.RawDescriptionHelpFormatter
     sub = parser.add_subparsers(dest="command", required=True)
+
+    inspect = sub.add_parser(
+        "inspect", parents=[common], formatter_class=fmt, epilog=INSPECT_EPILOG,
+        help="summarize a checkpoint: tensors, dtypes, bytes, shards, quantization, compression ratio",
+        description="Summarizes a checkpoint folder; reads only the shard headers and small metadata tensors.",
+    )
+    inspect.add_argument("directory", help="checkpoint folder")
+    inspect.add_argument("--json", action="store_true", help="print the summary as JSON (keys below)")
+    inspect.add_argument("--tensors", action="store_true", help="also list every tensor")
+    inspect.add_argument("--variant", help="weights variant, e.g. fp16")
+    inspect.set_defaults(func=_inspect)
+
+    verify = sub.add_parser(
+        "verify", parents=[common], formatter_class=fmt, epilog=VERIFY_EPILOG,
+        help="validate every shard, the index and config.json",
+        description="Validates a checkpoint folder and prints one line per problem.",
+    )
+    verify.add_argument("directory", help="checkpoint folder")
+    verify.add_argument("--variant", help="weights variant, e.g. fp16")
+    verify.add_argument(
+        "--checksums", action="store_true",
+        help="check per-shard sha256 recorded at save time (not recorded by this version: exits 2)",
+    )
+    verify.set_defaults(func=_verify)
+
     demo = sub.add_parser(
-        "demo",
+        "demo", parents=[common], formatter_class=fmt, epilog=DEMO_EPILOG,
         help="quantize a tiny embedded model to nf4 on the CPU, save it sharded, reload and check it",
-        description="Runs the embedded example; downloads nothing. Example: quantsave demo --out ./tiny-nf4",
+        description="Runs the embedded example; downloads nothing.",
     )
     demo.add_argument("--out", help="keep the checkpoint in this folder (default: a temporary folder)")
     demo.add_argument("--max-shard-size", default="1MB", help="shard size, e.g. 1MB (default) or 500KB")
@@ -33,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -42,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"quantsave: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("quantsave: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

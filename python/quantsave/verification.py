@@ -1,0 +1,152 @@
+"""What ``quantsave verify`` checks: every shard header (through the Rust reader), the index
+against the shards, ``config.json`` and its ``quantization_config``, and that the tensors have
+the layout of the config's method. Problems are collected as one line each, never raised."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from quantsave import _core
+from quantsave.config.base import QuantizationConfig, resolve_config
+from quantsave.inspection import find_checkpoint, read_bytes, weight_map_of
+from quantsave.load import read_config
+from quantsave.quantizers.registry import get_quantizer
+
+__all__ = ["verify_checkpoint"]
+
+_Tensors = dict[str, tuple[str, list[int], Path, int, int]]
+
+
+def verify_checkpoint(
+    directory: Path, *, variant: str | None = None, progress: Callable[[Iterable[Path]], Iterable[Path]] = iter
+) -> tuple[list[str], int]:
+    """Checks the checkpoint in ``directory``.
+
+    Returns:
+        One line per problem found (empty when the checkpoint is sound) and the tensor count.
+
+    Raises:
+        FileNotFoundError: the folder does not exist or is not a checkpoint.
+    """
+    ckpt = find_checkpoint(directory, variant)
+    problems = list(ckpt.problems)
+    weight_map = weight_map_of(ckpt)
+    tensors: _Tensors = {}
+    metadata: dict[str, str] = {}
+    read: set[str] = set()  # shards whose header was valid (an unreadable one is reported once)
+    for path in progress(ckpt.shards):
+        try:
+            header = _core.read_header(path)
+        except (ValueError, OSError) as e:
+            problems.append(f"{path}: {e}" if str(path) not in str(e) else str(e))
+            continue
+        read.add(path.name)
+        if (header.get("metadata") or {}).get("format") != "pt":
+            problems.append(f"{path}: header metadata lacks {{'format': 'pt'}}")
+        metadata.update(header.get("metadata") or {})
+        for name, dt, shape, start, end in header["tensors"]:
+            if name in tensors:
+                problems.append(f"{path}: tensor {name!r} also appears in {tensors[name][2].name}")
+                continue
+            if weight_map is not None and weight_map.get(name) != path.name:
+                where = weight_map.get(name)
+                problems.append(
+                    f"{path}: holds tensor {name!r} which the index "
+                    + (f"places in {where!r}" if where else "does not list")
+                )
+            tensors[name] = (dt, list(shape), path, start, end)
+    if weight_map is not None and ckpt.index is not None:
+        for key, fname in weight_map.items():
+            if key not in tensors and fname in read:
+                problems.append(f"{ckpt.index}: tensor {key!r} is not in its shard {fname!r}")
+    problems += _check_config(directory, tensors, metadata)
+    return problems, len(tensors)
+
+
+def _check_config(directory: Path, tensors: _Tensors, metadata: dict[str, str]) -> list[str]:
+    path = directory / "config.json"
+    try:
+        config = read_config(directory)
+    except ValueError as e:
+        return [str(e)]
+    raw = config.get("quantization_config") if config else None
+    if raw is None:
+        if tensors and any(".quant_state.bitsandbytes__" in k or k.endswith(".SCB") for k in tensors):
+            return [f"{path}: the tensors are bitsandbytes-quantized but config.json has no quantization_config"]
+        return []
+    try:
+        qconfig = resolve_config(raw)
+    except ValueError as e:
+        return [f"{path}: quantization_config: {e}"]
+    if qconfig is None:
+        return []
+    try:
+        get_quantizer(qconfig)
+    except ValueError as e:
+        return [f"{path}: quantization_config: {e}"]
+    return [f"{path}: {p}" for p in _check_method(qconfig, tensors, metadata)]
+
+
+def _check_method(qconfig: QuantizationConfig, tensors: _Tensors, metadata: dict[str, str]) -> list[str]:
+    """Problems with the tensors' layout for the config's ``quant_method``."""
+    method = qconfig.method
+    if method == "bitsandbytes":
+        if getattr(qconfig, "load_in_4bit", False):
+            return _check_bnb4(qconfig, tensors)
+        if getattr(qconfig, "load_in_8bit", False):
+            scb = [k for k in tensors if k.endswith(".SCB")]
+            if not scb:
+                return ["quant_method 'bitsandbytes' (8-bit) but no '*.SCB' tensors in the shards"]
+            return [
+                f"tensor {k!r} has no int8 weight {k[:-3] + 'weight'!r}"
+                for k in scb
+                if tensors.get(k[:-3] + "weight", ("",))[0] != "I8"
+            ]
+        return []
+    if method == "torchao":
+        if "tensor_names" not in metadata:
+            return ["quant_method 'torchao' but the shard headers have no 'tensor_names' metadata"]
+        if not any(k.endswith("._weight_qdata") for k in tensors):
+            return ["quant_method 'torchao' but no '*._weight_qdata' tensors in the shards"]
+        return []
+    if method == "quanto":
+        if not any(".weight._data" in k for k in tensors):
+            return ["quant_method 'quanto' but no '*.weight._data' tensors in the shards"]
+    return []
+
+
+def _check_bnb4(qconfig: Any, tensors: _Tensors) -> list[str]:
+    quant_type = getattr(qconfig, "bnb_4bit_quant_type", "fp4")
+    double = bool(getattr(qconfig, "bnb_4bit_use_double_quant", False))
+    states = [k for k in tensors if ".weight.quant_state.bitsandbytes__" in k]
+    if not states:
+        return [
+            f"quant_method 'bitsandbytes' (4-bit {quant_type}) but no '*.weight.quant_state.bitsandbytes__*' tensors"
+        ]
+    problems = []
+    for key in states:
+        base = key.split(".quant_state.")[0]
+        if not key.endswith("__" + quant_type):
+            problems.append(f"tensor {key!r} is not {quant_type}, which quantization_config names")
+        needed = [base, base + ".absmax", base + ".quant_map"]
+        if double:
+            needed += [base + ".nested_absmax", base + ".nested_quant_map"]
+        problems += [f"quantized weight {base!r} lacks tensor {n!r}" for n in needed if n not in tensors]
+        if base in tensors and tensors[base][0] != "U8":
+            problems.append(f"tensor {base!r} is {tensors[base][0]}, expected packed U8")
+        _dt, _shape, path, start, end = tensors[key]
+        try:
+            state = json.loads(read_bytes(path, start, end).decode("utf-8"))
+            ok = (
+                isinstance(state, dict)
+                and state.get("quant_type") == quant_type
+                and isinstance(state.get("shape"), list)
+            )
+        except (UnicodeDecodeError, json.JSONDecodeError, ValueError, OSError):
+            ok = False
+        if not ok:
+            problems.append(f"tensor {key!r} is not a valid {quant_type} quant_state JSON")
+    return problems
