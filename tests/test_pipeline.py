@@ -88,6 +88,12 @@ def test_quantized_components_and_the_rest(tmp_path) -> None:  # type: ignore[no
     assert isinstance(loaded.scheduler, diffusers.DDPMScheduler)
     got_unet, got_text = _outputs(loaded)
     assert torch.equal(got_unet, unet_out) and torch.equal(got_text, text_out)
+    # quantsave loads one component folder; the pipeline folder gets a pointer to it.
+    with pytest.raises(FileNotFoundError, match="pipeline folder"):
+        qs.load_quantized(tmp_path / "qs")
+    unet = qs.load_quantized(tmp_path / "qs" / "unet")
+    with torch.no_grad():
+        assert torch.equal(unet(X, 10).sample, unet_out)
 
 
 def test_per_component_configs_quantize_on_save(tmp_path) -> None:  # type: ignore[no-untyped-def]

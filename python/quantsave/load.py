@@ -65,6 +65,11 @@ def find_weights(
         if index.is_file():
             files, weight_map = _read_index(directory, index)
             return files, weight_map, index
+    if (directory / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{str(directory)!r} is a pipeline folder (model_index.json): load it with "
+            "DiffusionPipeline.from_pretrained, or load one component folder (e.g. its 'transformer' subfolder)"
+        )
     raise FileNotFoundError(
         f"no safetensors weights in {str(directory)!r}"
         + (f" for variant {variant!r}" if variant else "")
