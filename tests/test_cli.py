@@ -257,3 +257,29 @@ def test_inspect_and_verify_torchao(tmp_path: Path, capsys) -> None:  # type: ig
     assert rc == 0 and s["quant_method"] == "torchao" and s["parameters"] == 2 * (64 * 64 + 64)
     assert s["float_dtype"] == "float32" and "torchao" in s["ratio_method"]
     assert _run(capsys, "verify", str(tmp_path / "ao"))[0] == 0
+
+
+def test_convert_command(llama_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``quantsave convert`` writes what qs.convert writes; bad input exits 2 in one line."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "quantsave", "convert", str(llama_dir), str(out), "--quant", "nf4", "--double-quant"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout
+    quantsave.convert(
+        llama_dir, tmp_path / "api",
+        quantsave.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+    )
+    for f in ("model.safetensors", "config.json"):
+        assert (out / f).read_bytes() == (tmp_path / "api" / f).read_bytes()
+    bad = subprocess.run(
+        [sys.executable, "-m", "quantsave", "convert", str(tmp_path / "missing"), str(tmp_path / "x"), "--quant", "int8"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "quantsave: error:" in bad.stderr
+    assert not (tmp_path / "x").exists()

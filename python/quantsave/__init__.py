@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from quantsave._core import __version__
 from quantsave.api import load_quantized, load_state_dict, save_quantized
+from quantsave.convert import convert
 from quantsave.config import BitsAndBytesConfig, GGUFQuantizationConfig, QuantizationConfig, QuantoConfig, TorchAoConfig
 from quantsave.errors import CheckpointError, NotSerializableError
 from quantsave.gguf import load_gguf, save_gguf
@@ -20,6 +21,7 @@ __all__ = [
     "SaveResult",
     "TorchAoConfig",
     "__version__",
+    "convert",
     "load_gguf",
     "load_quantized",
     "load_state_dict",

@@ -1,4 +1,4 @@
-"""The ``quantsave`` command line: ``inspect``, ``verify`` and ``demo``.
+"""The ``quantsave`` command line: ``convert``, ``inspect``, ``verify`` and ``demo``.
 
 Exit codes: 0 success, 1 ``verify`` found problems (or the demo's check failed), 2 bad usage or
 input (a missing folder, not a checkpoint, a file ``inspect`` cannot read). Errors are one line
@@ -47,6 +47,17 @@ exit status: 0 sound, 1 problems found (one line each on stdout), 2 bad usage or
 examples:
   quantsave verify ./tiny-nf4
   quantsave verify ./tiny-nf4 --quiet && echo ok
+"""
+
+CONVERT_EPILOG = """\
+SRC is a float safetensors checkpoint: a model folder (config.json plus one file or shards) or
+a single .safetensors file beside a config.json. DST receives what diffusers/transformers write
+after quantizing the model on load with the same bitsandbytes config.
+
+examples:
+  quantsave convert ./llama-bf16 ./llama-nf4 --quant nf4
+  quantsave convert ./llama-bf16 ./llama-nf4-dq --quant nf4 --double-quant --max-shard-size 2GB
+  quantsave convert ./sd3-transformer ./sd3-int8 --quant int8 --skip proj_out
 """
 
 DEMO_EPILOG = """\
@@ -143,6 +154,29 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from quantsave.config.bnb import BitsAndBytesConfig
+    from quantsave.convert import convert
+
+    if args.quant == "int8":
+        if args.double_quant:
+            raise ValueError("--double-quant applies to nf4 and fp4, not int8")
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=args.skip)
+    else:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=args.quant,
+            bnb_4bit_use_double_quant=args.double_quant,
+            llm_int8_skip_modules=args.skip,
+        )
+    result = convert(
+        args.src, args.dst, config, max_shard_size=args.max_shard_size, progress=False if args.quiet else None
+    )
+    if not args.quiet:
+        print(f"wrote {args.dst}: {result.num_shards} shard(s), {_human(result.total_bytes)}, {result.seconds:.2f} s")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from quantsave.demo import run_demo
 
@@ -162,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--quiet", "-q", action="store_true", help="no progress bars or 'ok' line")
     fmt = argparse.RawDescriptionHelpFormatter
     sub = parser.add_subparsers(dest="command", required=True)
+
+    conv = sub.add_parser(
+        "convert", parents=[common], formatter_class=fmt, epilog=CONVERT_EPILOG,
+        help="turn a float checkpoint into a pre-quantized bitsandbytes checkpoint",
+        description="Converts a float safetensors checkpoint into a pre-quantized one (bitsandbytes).",
+    )
+    conv.add_argument("src", help="float checkpoint folder or .safetensors file")
+    conv.add_argument("dst", help="output folder")
+    conv.add_argument("--quant", choices=["nf4", "fp4", "int8"], required=True, help="quantization type")
+    conv.add_argument("--double-quant", action="store_true", help="also quantize the 4-bit absmax (nested quantization)")
+    conv.add_argument("--max-shard-size", help="shard size, e.g. 5GB (default: the model family's)")
+    conv.add_argument("--skip", nargs="+", metavar="MODULE", help="Linear modules to keep in float")
+    conv.set_defaults(func=_convert)
 
     inspect = sub.add_parser(
         "inspect", parents=[common], formatter_class=fmt, epilog=INSPECT_EPILOG,

@@ -16,7 +16,7 @@ from torch import nn
 from quantsave import _core
 from quantsave.config.base import QuantizationConfig, resolve_config
 from quantsave.errors import CheckpointError
-from quantsave.families import FAMILIES
+from quantsave.families import FAMILIES, TRANSFORMERS, family_of
 from quantsave.quantizers.registry import get_quantizer
 from quantsave.tensors import tensor_from_map
 
@@ -267,6 +267,10 @@ def load_model(
         raise CheckpointError(f"checkpoint in {path} lacks {len(missing)} weight(s) the model needs, e.g. {missing[:3]}")
     if qconfig is not None:
         model._quantsave_config = qconfig  # type: ignore[assignment]
+    if family_of(model) is TRANSFORMERS and getattr(model, "_weight_conversions", None) is None:
+        # As from_pretrained records: the checkpoint's names were used as they are (no renaming or
+        # fusing), so a later save orders the tensors as transformers does after from_pretrained.
+        model._weight_conversions = []  # type: ignore[assignment]
     if torch.device(device).type != "cpu":
         model = model.to(device)
     return model.eval()

@@ -30,7 +30,9 @@ def quantize(model: nn.Module, quantization_config: Any, *, modules_to_not_conve
         model: any module; its ``nn.Linear`` layers are replaced.
         quantization_config: a bitsandbytes or torchao config (quantsave, diffusers or transformers object, or dict).
         modules_to_not_convert: names (or name parts) of Linear layers to keep in float; the config's
-            ``llm_int8_skip_modules`` and the model's ``_keep_in_fp32_modules`` are skipped too.
+            ``llm_int8_skip_modules`` (``modules_to_not_convert``), the model's
+            ``_keep_in_fp32_modules`` and, as transformers does, its output embeddings (``lm_head``)
+            are skipped too.
 
     Raises:
         ValueError: a config quantsave cannot apply.
@@ -44,8 +46,7 @@ def quantize(model: nn.Module, quantization_config: Any, *, modules_to_not_conve
         method = config.method if config is not None else None
         raise ValueError(f"quantize supports bitsandbytes 4-bit and 8-bit, torchao and optimum-quanto configs, got {method!r}")
     bnb = import_bnb()
-    skip = list(modules_to_not_convert or []) + list(config.llm_int8_skip_modules or [])
-    skip += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    skip = _skip_list(model, list(modules_to_not_convert or []), config.llm_int8_skip_modules, skip_output=True)
     targets = [
         (name, m) for name, m in model.named_modules() if type(m) is nn.Linear and name and not _skipped(name, skip)
     ]
