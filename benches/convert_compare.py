@@ -1,0 +1,96 @@
+"""Side-by-side conversion benchmark: ``quantsave.convert`` against transformers'
+``from_pretrained(quantization_config=nf4)`` + ``save_pretrained`` on the CPU.
+
+Builds bf16 Llama-shaped checkpoints (hidden 2048 by default; the layer counts given), then for
+each size runs every tool in a fresh process, timed from after ``import torch``, and reports the
+medians of the wall time and of the peak RSS (``ru_maxrss``) against the process baseline with
+torch imported.
+
+Usage: python benches/convert_compare.py [--layers 12 24] [--hidden 2048] [--runs 3] [--dir /tmp/qs-convert]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CHILD = r"""
+import json, resource, shutil, sys, time
+import torch
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+tool, src, dst = sys.argv[1:4]
+shutil.rmtree(dst, ignore_errors=True)
+t0 = time.perf_counter()
+if tool == "quantsave":
+    import quantsave as qs
+    qs.convert(src, dst, qs.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+else:
+    import transformers
+    m = transformers.AutoModelForCausalLM.from_pretrained(
+        src, quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+        device_map="cpu",
+    )
+    m.save_pretrained(dst)
+seconds = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"seconds": seconds, "base_mb": base / 1024, "peak_mb": peak / 1024}))
+"""
+
+
+def build(path: Path, layers: int, hidden: int) -> None:
+    import torch
+    import transformers
+
+    if (path / "config.json").is_file():
+        return
+    config = transformers.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=hidden // 128,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path)
+
+
+def run(tool: str, src: Path, dst: Path) -> dict[str, float]:
+    out = subprocess.run([sys.executable, "-c", CHILD, tool, str(src), str(dst)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, nargs="+", default=[12, 24])
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "qs-convert"))
+    args = p.parse_args()
+    root = Path(args.dir)
+    print(f"{'checkpoint':<22}{'tool':<14}{'seconds':>9}{'peak-base MB':>14}{'base MB':>9}")
+    for layers in args.layers:
+        src = root / f"llama-{layers}l-{args.hidden}"
+        build(src, layers, args.hidden)
+        gb = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 1e9
+        res: dict[str, list[dict[str, float]]] = {"quantsave": [], "transformers": []}
+        for _ in range(args.runs):
+            for tool in res:
+                res[tool].append(run(tool, src, root / f"out-{tool}"))
+        med = {t: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for t, rs in res.items()}
+        for tool, m in med.items():
+            print(f"{f'{gb:.2f} GB bf16':<22}{tool:<14}{m['seconds']:>9.2f}{m['peak_mb'] - m['base_mb']:>14.0f}{m['base_mb']:>9.0f}")
+        print(f"  speed ratio (transformers / quantsave): {med['transformers']['seconds'] / med['quantsave']['seconds']:.1f}x")
+    print("targets: >= 10x at ~1.5 GB, >= 15x at ~3 GB; quantsave peak grows <= 10% from 1.5 to 3 GB, < base + 0.5 GB")
+
+
+if __name__ == "__main__":
+    main()
