@@ -43,11 +43,18 @@ print(json.dumps({"seconds": seconds, "base_mb": base / 1024, "peak_mb": peak / 
 
 
 def build(path: Path, layers: int, hidden: int) -> None:
+    """Writes the checkpoint from a separate process: peak RSS is inherited by children on Linux,
+    so this process must stay small."""
+    if (path / "config.json").is_file():
+        return
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import convert_compare as c; c._build({str(path)!r}, {layers}, {hidden})"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _build(path: str, layers: int, hidden: int) -> None:
     import torch
     import transformers
 
-    if (path / "config.json").is_file():
-        return
     config = transformers.LlamaConfig(
         vocab_size=32000,
         hidden_size=hidden,
