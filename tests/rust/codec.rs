@@ -1,40 +1,13 @@
 //! Golden vectors and properties of the 4-bit and 8-bit codecs (bitsandbytes-compatible).
 
+mod common;
+
+use common::{dq4, q4};
 use proptest::prelude::*;
 use quantsave::codec::{
-    dequantize_4bit, dequantize_dynamic, dynamic_map, num_blocks, packed_len, quantize_4bit,
-    quantize_4bit_portable, quantize_dynamic, quantize_int8_rows, Floats, FloatsMut, Nibble4Layout,
-    QuantType,
+    dequantize_dynamic, dynamic_map, num_blocks, packed_len, quantize_4bit, quantize_4bit_portable,
+    quantize_dynamic, quantize_int8_rows, Floats, Nibble4Layout, QuantType,
 };
-
-fn q4(x: &[f32], bs: usize, qt: QuantType) -> (Vec<u8>, Vec<f32>) {
-    let mut p = vec![0u8; packed_len(x.len())];
-    let mut a = vec![0f32; num_blocks(x.len(), bs)];
-    quantize_4bit(
-        Floats::F32(x),
-        bs,
-        qt,
-        Nibble4Layout::HighFirst,
-        &mut p,
-        &mut a,
-    )
-    .unwrap();
-    (p, a)
-}
-
-fn dq4(p: &[u8], a: &[f32], n: usize, bs: usize, qt: QuantType) -> Vec<f32> {
-    let mut out = vec![0f32; n];
-    dequantize_4bit(
-        p,
-        a,
-        bs,
-        qt,
-        Nibble4Layout::HighFirst,
-        FloatsMut::F32(&mut out),
-    )
-    .unwrap();
-    out
-}
 
 #[test]
 fn nf4_golden_bytes() {

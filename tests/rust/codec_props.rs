@@ -13,6 +13,9 @@
 //! fp4 magnitudes by code (bit 3 = sign): 0: 0, 1: 0.0052083, 2: 0.6666667, 3: 1.0, 4: 0.3333333,
 //!   5: 0.5, 6: 0.1666667, 7: 0.25; ascending: codes 0, 1, 6, 7, 4, 5, 2, 3.
 
+mod common;
+
+use common::{dq4, q4};
 use proptest::prelude::*;
 use quantsave::codec::{
     dequantize_4bit, dequantize_dynamic, dequantize_int8_rows, dynamic_map, packed_len,
@@ -23,39 +26,6 @@ use quantsave::codec::{
 const BLOCKSIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
 /// The clamp bitsandbytes applies to a block's scale: `1e-38` as f32 (a subnormal).
 const CLAMP_BITS: u32 = 0x006c_e3ee;
-
-fn blocks(n: usize, bs: usize) -> usize {
-    n.div_ceil(bs)
-}
-
-fn q4(x: &[f32], bs: usize, qt: QuantType) -> (Vec<u8>, Vec<f32>) {
-    let mut p = vec![0u8; packed_len(x.len())];
-    let mut a = vec![0f32; blocks(x.len(), bs)];
-    quantize_4bit(
-        Floats::F32(x),
-        bs,
-        qt,
-        Nibble4Layout::HighFirst,
-        &mut p,
-        &mut a,
-    )
-    .unwrap();
-    (p, a)
-}
-
-fn dq4(p: &[u8], a: &[f32], n: usize, bs: usize, qt: QuantType) -> Vec<f32> {
-    let mut out = vec![0f32; n];
-    dequantize_4bit(
-        p,
-        a,
-        bs,
-        qt,
-        Nibble4Layout::HighFirst,
-        FloatsMut::F32(&mut out),
-    )
-    .unwrap();
-    out
-}
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
