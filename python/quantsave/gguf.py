@@ -31,7 +31,7 @@ from quantsave.config.gguf import GGUFQuantizationConfig
 from quantsave.errors import CheckpointError
 from quantsave.families import DIFFUSERS, PLAIN, family_of, is_pipeline, model_config_files
 from quantsave.load import _empty_weights, build_skeleton, read_config
-from quantsave.save import SaveResult, _fsync_enabled
+from quantsave.save import SaveResult, fsync_enabled
 from quantsave.gguf_reader import ALIGNMENT_KEY as _ALIGNMENT
 from quantsave.gguf_reader import MAX_DIMS as _MAX_DIMS
 from quantsave.gguf_reader import STRING as _STRING
@@ -173,7 +173,7 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Writes through ``write`` into a temporary sibling, then renames it over ``path``; on any
     failure (Ctrl-C included) the temporary is removed and ``path`` is untouched."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{next(_COUNTER)}.quantsave.tmp")
-    fsync = _fsync_enabled()
+    fsync = fsync_enabled()
     try:
         write(tmp)
         if fsync:
@@ -283,7 +283,7 @@ def save_gguf(
     _write_atomic(path, write)
     result = SaveResult(directory=path.parent, files=[path.name], total_bytes=path.stat().st_size, num_shards=1)
     if write_config and family is DIFFUSERS and config_text is not None:
-        _core.write_bytes_atomic(path.parent / "config.json", config_text.encode(), fsync=_fsync_enabled())
+        _core.write_bytes_atomic(path.parent / "config.json", config_text.encode(), fsync=fsync_enabled())
         result.files.append("config.json")
         result.total_bytes += len(config_text.encode())
     result.seconds = time.perf_counter() - t0

@@ -17,7 +17,7 @@ from torch import nn
 from quantsave import _core
 from quantsave.config.base import resolve_config
 from quantsave.quantizers.registry import detect_quantizer
-from quantsave.save import SaveResult, _fsync_enabled, check_file_name, save_model
+from quantsave.save import SaveResult, fsync_enabled, check_file_name, save_model
 
 __all__ = ["save_pipeline", "component_configs"]
 
@@ -166,7 +166,7 @@ def save_pipeline(
                 if f.is_file():
                     result.files.append(str(f.relative_to(directory)))
                     result.total_bytes += f.stat().st_size
-    _core.write_bytes_atomic(directory / "model_index.json", pipe.to_json_string().encode(), fsync=_fsync_enabled())
+    _core.write_bytes_atomic(directory / "model_index.json", pipe.to_json_string().encode(), fsync=fsync_enabled())
     result.files.append("model_index.json")
     result.seconds = time.perf_counter() - t0
     return result

@@ -30,7 +30,7 @@ from quantsave.quantizers.base import Quantizer
 from quantsave.quantizers.registry import detect_quantizer, get_quantizer
 from quantsave.tensors import byte_view, dtype_name, is_wrapper_subclass, subclass_nbytes
 
-__all__ = ["SaveResult", "save_model", "check_file_name", "resolve_quantizer"]
+__all__ = ["SaveResult", "save_model", "check_file_name", "fsync_enabled", "resolve_quantizer"]
 
 _SHARD_RE = re.compile(r"(.*?)-\d{5}-of-\d{5}")
 #: Host bytes gathered per write call for tensors that live on an accelerator.
@@ -54,7 +54,7 @@ class SaveResult:
         )
 
 
-def _fsync_enabled() -> bool:
+def fsync_enabled() -> bool:
     """Whether saves fsync files and folders (``QUANTSAVE_FSYNC=1``); off by default, as in the references."""
     return os.environ.get("QUANTSAVE_FSYNC", "0").strip().lower() not in ("", "0", "false", "no")
 
@@ -320,10 +320,10 @@ def save_model(
         if quantizer is not None and safe_serialization:
             index_meta.update(quantizer.index_metadata(family))
         text = _core.render_index_json(dump_json(index_meta), weight_map)
-        _core.write_bytes_atomic(directory / index_name, text.encode(), fsync=_fsync_enabled())
+        _core.write_bytes_atomic(directory / index_name, text.encode(), fsync=fsync_enabled())
         result.files.append(index_name)
     for name, text in json_files.items():
-        _core.write_bytes_atomic(directory / name, text.encode(), fsync=_fsync_enabled())
+        _core.write_bytes_atomic(directory / name, text.encode(), fsync=fsync_enabled())
         result.files.append(name)
     _remove_stale(directory, weights_name, variant, set(file_names), len(shards) > 1, index_name)
     result.seconds = time.perf_counter() - t0
@@ -349,7 +349,7 @@ def _write_safetensors(
     def flush() -> None:
         nonlocal batch, batch_bytes
         if batch:
-            result.total_bytes += sum(_core.write_shards(batch, fsync=_fsync_enabled()))
+            result.total_bytes += sum(_core.write_shards(batch, fsync=fsync_enabled()))
             if bar is not None:
                 bar.update(len(batch))
         batch, batch_bytes = [], 0

@@ -31,6 +31,10 @@ class Quantizer:
     safetensors_unsupported_reason: str = ""
 
     def __init__(self, config: QuantizationConfig) -> None:
+        # A config of this method held in another form (a plain dict config, another class)
+        # becomes this backend's config class, which validates it.
+        if self.config_cls is not QuantizationConfig and not isinstance(config, self.config_cls):
+            config = self.config_cls.from_dict(config.to_dict())
         self.config = config
         #: Model state-dict keys that ``load_into`` installed under names absent from the files.
         self.loaded_keys: set[str] = set()

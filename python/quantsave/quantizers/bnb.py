@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from quantsave.config.base import QuantizationConfig
 from quantsave.config.bnb import BitsAndBytesConfig
 from quantsave.errors import CheckpointError
 from quantsave.quantizers.base import Quantizer
@@ -89,11 +88,6 @@ class BitsAndBytesQuantizer(Quantizer):
     config_cls = BitsAndBytesConfig
 
     config: BitsAndBytesConfig
-
-    def __init__(self, config: QuantizationConfig) -> None:
-        if not isinstance(config, BitsAndBytesConfig):
-            config = BitsAndBytesConfig.from_dict(config.to_dict())
-        super().__init__(config)
 
     @classmethod
     def detect(cls, model: nn.Module) -> bool:

@@ -167,8 +167,6 @@ class QuantoQuantizer(Quantizer):
     config: QuantoConfig
 
     def __init__(self, config: QuantizationConfig) -> None:
-        if not isinstance(config, QuantoConfig):
-            config = QuantoConfig.from_dict(config.to_dict())
         super().__init__(config)
         self._written_mnc: list[str] | None = None
 

@@ -79,8 +79,6 @@ class TorchAoQuantizer(Quantizer):
     config: TorchAoConfig
 
     def __init__(self, config: QuantizationConfig) -> None:
-        if not isinstance(config, TorchAoConfig):
-            config = TorchAoConfig.from_dict(config.to_dict())
         super().__init__(config)
         self._metadata: dict[str, str] = {}
         self._groups: dict[str, str] = {}
