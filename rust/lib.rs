@@ -3,6 +3,7 @@
 //! behind the `python` cargo feature.
 
 pub mod codec;
+pub mod convert;
 pub mod dtype;
 pub mod error;
 pub mod index;

@@ -549,6 +549,173 @@ fn quantize_int8_rows(
     detached(py, || codec::quantize_int8_rows(x, rows, cols, qo, so))
 }
 
+/// A streaming conversion (see `quantsave::convert`): `Conversion(sources, shards, ops,
+/// chunk_elems, fsync)` with shards as `(path, [(name, dtype, shape)], metadata)` and ops as
+/// tuples: `("copy", file, name, shard, out)`, `("bytes", data, shard, out)`,
+/// `("quant4", file, name, quant_type, blocksize, shard, packed, absmax, nested)` with `nested`
+/// None or `(offset, nested_absmax)`, `("int8", file, name, rows, cols, shard, weight, scb)`.
+/// `run()` works without the GIL; `progress()` (source bytes done) can be polled meanwhile
+/// from another thread.
+#[pyclass(module = "quantsave._core", frozen)]
+struct Conversion {
+    spec: crate::convert::ConvertSpec,
+    done: std::sync::atomic::AtomicU64,
+    started: std::sync::atomic::AtomicBool,
+}
+
+fn parse_op(op: &Bound<'_, PyAny>) -> PyResult<crate::convert::Op> {
+    use crate::convert::{Nested, Op, Source, Target};
+    let kind: String = op.get_item(0)?.extract()?;
+    let tgt = |shard: usize, name: String| Target { shard, name };
+    Ok(match kind.as_str() {
+        "copy" => {
+            let (_, file, name, shard, out): (String, usize, String, usize, String) =
+                op.extract()?;
+            Op::Copy {
+                src: Source { file, name },
+                out: tgt(shard, out),
+            }
+        }
+        "bytes" => {
+            let (_, data, shard, out): (String, Vec<u8>, usize, String) = op.extract()?;
+            Op::Bytes {
+                data,
+                out: tgt(shard, out),
+            }
+        }
+        "quant4" => {
+            #[allow(clippy::type_complexity)]
+            let (_, file, name, qt, blocksize, shard, packed, absmax, nested): (
+                String,
+                usize,
+                String,
+                String,
+                usize,
+                usize,
+                String,
+                String,
+                Option<(f32, String)>,
+            ) = op.extract()?;
+            Op::Quant4 {
+                src: Source { file, name },
+                quant_type: qt.parse().map_err(to_py)?,
+                blocksize,
+                packed: tgt(shard, packed),
+                absmax: tgt(shard, absmax),
+                nested: nested.map(|(offset, n)| Nested {
+                    offset,
+                    nested_absmax: tgt(shard, n),
+                }),
+            }
+        }
+        "int8" => {
+            #[allow(clippy::type_complexity)]
+            let (_, file, name, rows, cols, shard, weight, scb): (
+                String,
+                usize,
+                String,
+                usize,
+                usize,
+                usize,
+                String,
+                String,
+            ) = op.extract()?;
+            Op::Int8 {
+                src: Source { file, name },
+                rows,
+                cols,
+                weight: tgt(shard, weight),
+                scb: tgt(shard, scb),
+            }
+        }
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unknown conversion op {other:?}"
+            )))
+        }
+    })
+}
+
+#[pymethods]
+impl Conversion {
+    #[new]
+    #[pyo3(signature = (sources, shards, ops, chunk_elems=1 << 22, fsync=false))]
+    #[allow(clippy::type_complexity)]
+    fn new(
+        sources: Vec<PathBuf>,
+        shards: Vec<(
+            PathBuf,
+            Vec<(String, String, Vec<u64>)>,
+            Option<BTreeMap<String, String>>,
+        )>,
+        ops: Vec<Bound<'_, PyAny>>,
+        chunk_elems: usize,
+        fsync: bool,
+    ) -> PyResult<Self> {
+        let shards = shards
+            .into_iter()
+            .map(|(path, tensors, metadata)| {
+                let tensors = tensors
+                    .into_iter()
+                    .map(|(name, dtype, shape)| {
+                        Ok(st::TensorSpec {
+                            name,
+                            dtype: parse_dtype(&dtype)?,
+                            shape,
+                        })
+                    })
+                    .collect::<PyResult<_>>()?;
+                Ok(crate::convert::ShardOut {
+                    path,
+                    tensors,
+                    metadata,
+                })
+            })
+            .collect::<PyResult<_>>()?;
+        let ops = ops.iter().map(parse_op).collect::<PyResult<_>>()?;
+        Ok(Conversion {
+            spec: crate::convert::ConvertSpec {
+                sources,
+                shards,
+                ops,
+                chunk_elems,
+                fsync,
+            },
+            done: std::sync::atomic::AtomicU64::new(0),
+            started: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Writes and commits every shard; returns their sizes. Runs once.
+    fn run(&self, py: Python<'_>) -> PyResult<Vec<u64>> {
+        if self.started.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(PyValueError::new_err("this conversion already ran"));
+        }
+        detached(py, || crate::convert::run(&self.spec, &self.done))
+    }
+
+    /// Source bytes processed so far.
+    fn progress(&self) -> u64 {
+        self.done.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The absmax of every 4-bit block of tensor `name` in `path` (float32 bytes).
+#[pyfunction]
+#[pyo3(signature = (path, name, blocksize=64, chunk_elems=1 << 22))]
+fn absmax_4bit(
+    py: Python<'_>,
+    path: PathBuf,
+    name: String,
+    blocksize: usize,
+    chunk_elems: usize,
+) -> PyResult<Vec<u8>> {
+    let v = detached(py, || {
+        crate::convert::absmax_4bit(&path, &name, blocksize, chunk_elems)
+    })?;
+    Ok(bytemuck::cast_slice(&v).to_vec())
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     if let Some(n) = configured_threads() {
@@ -575,6 +742,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_header, m)?)?;
     m.add_class::<MappedFile>()?;
     m.add_class::<StreamWriter>()?;
+    m.add_class::<Conversion>()?;
+    m.add_function(wrap_pyfunction!(absmax_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_dynamic, m)?)?;

@@ -1,28 +1,75 @@
-"""``convert``: turn a float safetensors checkpoint (one file or a sharded model folder) into a
-pre-quantized one, as diffusers/transformers would write after quantizing on load.
+"""``convert``: turn a float safetensors checkpoint (one file, a sharded model folder or a
+pipeline folder) into a pre-quantized bitsandbytes one, as diffusers/transformers would write
+after quantizing on load, tensor by tensor and without materializing the model.
 
-This version maps the source files (no copies), builds the model on the meta device from
-``config.json`` (or takes the model passed in), quantizes its Linear layers with the Rust codec
-and saves through the normal save path. The float weights stay memory-mapped; the quantized
-ones are held in memory until the save (a streaming, bounded-memory path is planned).
+Data flow: the source headers are read (Rust, validated); the layout decides which tensors are
+Linear weights to quantize and in which order the state dict lists them; the planner cuts the
+output into shards (never splitting a quantized weight); then the Rust converter maps the
+sources, quantizes chunk by chunk and writes each chunk at its place in the output files, with
+bounded memory and without the GIL; finally ``config.json`` (and the index) are written.
+
+Which tensors are Linear weights comes from, in order of preference:
+
+1. the model passed in (real or on the meta device);
+2. for a transformers checkpoint written by the installed transformers version, a static reading
+   of the architecture's modeling source (``quantsave.static_layout``) when it is sure: no
+   import of the modeling code, which costs seconds;
+3. a meta-device skeleton built from ``config.json`` through diffusers or transformers.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from quantsave import _core
 from quantsave.config.base import resolve_config
 from quantsave.config.bnb import BitsAndBytesConfig
-from quantsave.families import DIFFUSERS, family_of
-from quantsave.load import build_skeleton, load_model, read_config
-from quantsave.quantize import quantize
-from quantsave.save import SaveResult, save_model
+from quantsave.errors import CheckpointError
+from quantsave.families import DIFFUSERS, TRANSFORMERS, Family, dump_json, family_of, model_config_files
+from quantsave.load import build_skeleton, find_weights, read_config
+from quantsave.quantize import bnb_targets
+from quantsave.quantizers.bnb import BitsAndBytesQuantizer
+from quantsave.save import SaveResult, _parse_shard_size, _remove_stale, fsync_enabled
 
 __all__ = ["convert"]
+
+_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_BLOCKSIZE = 64
+_NESTED_BLOCKSIZE = 256
+#: Elements per chunk of work: a few MB per thread in flight.
+_CHUNK_ELEMS = 1 << 22
+
+
+@dataclass
+class _Source:
+    """A float checkpoint: its files and every tensor's (file index, dtype, shape)."""
+
+    folder: Path
+    files: list[Path]
+    tensors: dict[str, tuple[int, str, list[int]]]
+    config: dict[str, Any] | None
+
+
+@dataclass
+class _Output:
+    """The planned output: tensors in state-dict order with their dtype and shape, the ops
+    producing them (output names, shard filled in later) and the quantized weight groups."""
+
+    keys: list[str] = field(default_factory=list)
+    specs: dict[str, tuple[str, list[int]]] = field(default_factory=dict)
+    ops: list[tuple[Any, ...]] = field(default_factory=list)
+    parameters: int = 0
 
 
 def convert(
@@ -31,46 +78,485 @@ def convert(
     quantization_config: Any,
     *,
     model: nn.Module | None = None,
+    components: list[str] | dict[str, Any] | None = None,
     max_shard_size: int | str | None = None,
     progress: bool | None = None,
 ) -> SaveResult:
     """Converts the float checkpoint ``src`` into a pre-quantized checkpoint in ``dst``.
 
     Args:
-        src: a ``.safetensors`` file or a model folder (single file or sharded).
-        dst: the output folder.
-        quantization_config: a bitsandbytes 4-bit (nf4/fp4, double quant or not) or 8-bit config.
-        model: the model skeleton (real or on the meta device); by default built from
-            ``config.json`` through diffusers or transformers.
+        src: a ``.safetensors`` file, a model folder (single file or sharded) or a diffusers
+            pipeline folder (``model_index.json``).
+        dst: the output folder (must differ from the source).
+        quantization_config: a bitsandbytes 4-bit (nf4/fp4, double quant or not) or 8-bit
+            config (quantsave, diffusers or transformers object, or dict).
+        model: the model (real or on the meta device) whose Linear layers are quantized; by
+            default learned from ``config.json`` (see the module docstring).
+        components: for a pipeline folder, the components to convert (default: every
+            component with safetensors weights), or a mapping from component name to its own
+            config (as diffusers' ``PipelineQuantizationConfig(quant_mapping=...)``); the other
+            folders and files are copied.
         max_shard_size: as for ``save_quantized``.
-        progress: as for ``save_quantized``.
+        progress: a progress bar (tqdm) over the bytes converted; default: when stderr is a TTY.
+
+    Returns:
+        What was written (for a pipeline, the totals over the converted components).
 
     Raises:
-        ValueError: an unsupported config, an already quantized source, a pipeline folder, or a
-            source that does not match the model.
-        CheckpointError: a corrupt source file.
+        ValueError: an unsupported config, an already quantized source, ``dst`` equal to the
+            source, or unknown pipeline components.
+        CheckpointError: a corrupt source file, or a source that does not match the model.
+        FileNotFoundError: no source weights.
     """
+    path = Path(src)
+    if path.is_dir() and (path / "model_index.json").is_file():
+        if model is not None:
+            raise ValueError("model= applies to one model; a pipeline's components come from their folders")
+        return _convert_pipeline(path, Path(dst), quantization_config, components, max_shard_size, progress)
+    if components is not None:
+        raise ValueError(f"components= applies to pipeline folders; {str(path)!r} is not one (no model_index.json)")
+    return _convert_model(path, Path(dst), _bnb_config(quantization_config), model, max_shard_size, progress)
+
+
+def _bnb_config(quantization_config: Any) -> BitsAndBytesConfig:
     config = resolve_config(quantization_config)
     if not isinstance(config, BitsAndBytesConfig) or config.bits == 0:
         method = config.method if config is not None else None
         raise ValueError(f"convert supports bitsandbytes 4-bit and 8-bit configs, got {method!r}")
-    path = Path(src)
-    folder = path if path.is_dir() else path.parent
-    if path.is_dir() and (path / "model_index.json").is_file():
+    if config.bits == 4 and config.bnb_4bit_quant_storage != torch.uint8:
         raise ValueError(
-            f"{str(path)!r} is a pipeline folder; converting whole pipelines is not supported yet: "
-            "convert its component folders (e.g. 'transformer') one by one"
+            f"convert writes 4-bit weights with uint8 storage; got bnb_4bit_quant_storage={config.bnb_4bit_quant_storage}"
         )
-    source_config = read_config(folder)
-    if source_config is not None and source_config.get("quantization_config") is not None:
-        raise ValueError(f"{str(path)!r} is already quantized ({source_config['quantization_config'].get('quant_method')})")
-    if Path(dst).resolve() == folder.resolve():
+    if config.bits == 8 and config.llm_int8_has_fp16_weight:
+        raise ValueError("llm_int8_has_fp16_weight=True keeps float weights; there is nothing to convert")
+    return config
+
+
+def _read_source(path: Path) -> _Source:
+    if path.is_file():
+        folder, files = path.parent, [path]
+    else:
+        folder = path
+        files, _weight_map, _index = find_weights(path)
+    config = read_config(folder)
+    tensors: dict[str, tuple[int, str, list[int]]] = {}
+    for i, f in enumerate(files):
+        for name, dtype, shape, _start, _end in _core.read_header(f)["tensors"]:
+            if name in tensors:
+                raise CheckpointError(f"invalid checkpoint in {folder}: tensor {name!r} is in two files")
+            tensors[name] = (i, dtype, list(shape))
+    return _Source(folder, files, tensors, config)
+
+
+def _convert_model(
+    path: Path,
+    dst: Path,
+    config: BitsAndBytesConfig,
+    model: nn.Module | None,
+    max_shard_size: int | str | None,
+    progress: bool | None,
+) -> SaveResult:
+    t0 = time.perf_counter()
+    source = _read_source(path)
+    if source.config is not None and source.config.get("quantization_config") is not None:
+        method = source.config["quantization_config"].get("quant_method")
+        raise ValueError(f"{str(path)!r} is already quantized ({method})")
+    if dst.resolve() == source.folder.resolve():
         raise ValueError("dst must differ from the source folder (the source files are read while writing)")
-    if model is None:
-        model = build_skeleton(folder, source_config)
-    model = load_model(path, model)
-    if family_of(model) is DIFFUSERS and "_name_or_path" not in model.config:  # type: ignore[operator]
-        # diffusers' from_pretrained records the source, and save_pretrained writes it.
-        model.register_to_config(_name_or_path=str(src))  # type: ignore[operator]
-    quantize(model, config)
-    return save_model(model, dst, max_shard_size=max_shard_size, progress=progress)
+    if dst.exists() and not dst.is_dir():
+        raise NotADirectoryError(f"dst {str(dst)!r} exists and is not a directory")
+    quantizer = BitsAndBytesQuantizer(config)
+
+    layout = None if model is not None else _static_layout(source, config, max_shard_size)
+    if layout is not None:
+        family, targets, order = TRANSFORMERS, layout, list(source.tensors)
+        json_files = _static_config_files(source, quantizer)
+    else:
+        if model is None:
+            model = build_skeleton(source.folder, source.config)
+        family = family_of(model)
+        if family is DIFFUSERS and "_name_or_path" not in model.config:  # type: ignore[operator]
+            # diffusers' from_pretrained records the source, and save_pretrained writes it.
+            model.register_to_config(_name_or_path=str(path))  # type: ignore[operator]
+        order = _model_order(model, family, source)
+        targets = [t for t in bnb_targets(model, config) if f"{t}.weight" in source.tensors]
+        json_files = model_config_files(
+            model, family, quantizer.config_dict(family), dtype=_output_dtype(model, source, set(targets))
+        )
+    out = _plan_output(source, order, set(targets), config)
+    if layout is None and family is TRANSFORMERS:
+        out.parameters = _parameter_count(model, source, set(targets), config)  # type: ignore[arg-type]
+    return _write(source, out, family, dst, quantizer, json_files, max_shard_size, progress, t0)
+
+
+def _static_layout(source: _Source, config: BitsAndBytesConfig, max_shard_size: int | str | None) -> list[str] | None:
+    """The quantized modules of a transformers checkpoint learned without importing
+    transformers, when that is exact: the checkpoint was written by the installed transformers
+    version (so its config files round-trip unchanged), its float tensors all have the
+    config's dtype, no tied output embeddings are stored, and the output is one file (the
+    checkpoint does not record the model's tensor order, which sharding needs)."""
+    cfg = source.config
+    if cfg is None or "_class_name" in cfg or not cfg.get("architectures"):
+        return None
+    try:
+        version = importlib_metadata.version("transformers")
+    except importlib_metadata.PackageNotFoundError:
+        return None
+    gen = source.folder / "generation_config.json"
+    if cfg.get("transformers_version") != version or not gen.is_file():
+        return None
+    try:
+        if json.loads(gen.read_text(encoding="utf-8")).get("transformers_version") != version:
+            return None
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    dtype = cfg.get("dtype", cfg.get("torch_dtype"))
+    floats = {d for _, d, _ in source.tensors.values() if d in _FLOATS}
+    if len(floats) != 1 or dtype != str(_FLOATS[floats.pop()]).removeprefix("torch."):
+        return None
+    if cfg.get("tie_word_embeddings") is not False and any(k.endswith("lm_head.weight") for k in source.tensors):
+        return None
+    try:
+        from quantsave.static_layout import transformers_bnb_targets
+    except ImportError:
+        return None
+    shapes = {k: (d, s) for k, (_, d, s) in source.tensors.items()}
+    targets = transformers_bnb_targets(cfg, shapes, config.llm_int8_skip_modules)
+    if targets is None:
+        return None
+    # One file, with room to spare for the quantization state of each weight.
+    total = 0
+    for key, (_, dtype, shape) in source.tensors.items():
+        if key.removesuffix(".weight") in targets and len(shape) == 2:
+            n = shape[0] * shape[1]
+            total += n + shape[0] * 4 + 1 if config.bits == 8 else (n + 1) // 2 + (n + 63) // 64 * 4 + 1024
+        else:
+            total += _nbytes(dtype, shape)
+    if total > _parse_shard_size(max_shard_size, TRANSFORMERS):
+        return None
+    return targets
+
+
+def _static_config_files(source: _Source, quantizer: BitsAndBytesQuantizer) -> dict[str, str]:
+    """config.json with the quantization config added, generation_config.json unchanged (both
+    round-trip unchanged through the transformers version that wrote them)."""
+    cfg = dict(source.config or {})
+    cfg["quantization_config"] = quantizer.config_dict(TRANSFORMERS)
+    return {
+        "config.json": dump_json(cfg),
+        "generation_config.json": (source.folder / "generation_config.json").read_text(encoding="utf-8"),
+    }
+
+
+def _model_order(model: nn.Module, family: Family, source: _Source) -> list[str]:
+    """The source tensors in the model's state-dict order; checks that they match the model."""
+    expected = model.state_dict(keep_vars=True)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {}) if family is TRANSFORMERS else set()
+    unexpected = [k for k in source.tensors if k not in expected]
+    if unexpected:
+        raise CheckpointError(
+            f"checkpoint in {source.folder} holds {len(unexpected)} tensor(s) the model does not have, e.g. {unexpected[:3]}"
+        )
+    missing = [k for k in expected if k not in source.tensors and k not in tied]
+    if missing:
+        raise CheckpointError(f"checkpoint in {source.folder} lacks {len(missing)} weight(s) the model needs, e.g. {missing[:3]}")
+    for k, (_, _, shape) in source.tensors.items():
+        if list(expected[k].shape) != shape:
+            raise CheckpointError(
+                f"checkpoint in {source.folder}: tensor {k!r} has shape {shape}, the model expects {list(expected[k].shape)}"
+            )
+    # transformers does not save tied weights.
+    return [k for k in expected if k in source.tensors and k not in tied]
+
+
+def _output_dtype(model: nn.Module, source: _Source, targets: set[str]) -> torch.dtype:
+    """The dtype transformers records: its model's first floating parameter once loaded (the
+    quantized weights are uint8 then)."""
+    for name, _ in model.named_parameters():
+        entry = source.tensors.get(name)
+        if entry is not None and entry[1] in _FLOATS and name.removesuffix(".weight") not in targets:
+            return _FLOATS[entry[1]]
+    return torch.float32
+
+
+def _parameter_count(model: nn.Module, source: _Source, targets: set[str], config: BitsAndBytesConfig) -> int:
+    """transformers' ``total_parameters`` of the quantized model: a packed 4-bit weight counts
+    two values per stored byte."""
+    total = 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        if config.bits == 4 and name.endswith(".weight") and name[: -len(".weight")] in targets:
+            n = (n + 1) // 2 * 2
+        total += n
+    return total
+
+
+def _natural_key(name: str) -> list[tuple[Any, ...]]:
+    """transformers' ``dot_natural_key``: dot-separated parts, numbers (whole or trailing)
+    compared as numbers."""
+    parts: list[tuple[Any, ...]] = []
+    for part in name.split("."):
+        if part.isdigit():
+            parts.append((0, int(part)))
+            continue
+        text = part.rstrip("0123456789")
+        digits = part[len(text) :]
+        parts.append((1, text, int(digits)) if digits else (1, text))
+    return parts
+
+
+def _nbytes(dtype: str, shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    bits = {"F64": 64, "I64": 64, "U64": 64, "F32": 32, "I32": 32, "U32": 32, "BF16": 16, "F16": 16, "I16": 16, "U16": 16}
+    return n * bits.get(dtype, 8) // 8
+
+
+def _quant_state_json(quant_type: str, dtype: str, shape: list[int], offset: float | None) -> bytes:
+    """bitsandbytes' packed quant state (``QuantState.as_dict(packed=True)``): JSON of the
+    non-tensor fields in its order."""
+    state: dict[str, Any] = {
+        "quant_type": quant_type,
+        "blocksize": _BLOCKSIZE,
+        "dtype": str(_FLOATS[dtype]).removeprefix("torch."),
+        "shape": shape,
+    }
+    if offset is not None:
+        state.update(nested_blocksize=_NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=offset)
+    return json.dumps(state).encode("utf-8")
+
+
+def _plan_output(source: _Source, order: list[str], targets: set[str], config: BitsAndBytesConfig) -> _Output:
+    """Every output tensor in state-dict order (a quantized Linear's weight, bias, then its
+    quantization state, as bitsandbytes' layers list them) and the op producing it."""
+    out = _Output()
+
+    def add(name: str, dtype: str, shape: list[int]) -> None:
+        out.keys.append(name)
+        out.specs[name] = (dtype, shape)
+
+    pending: dict[str, str] = {}  # module -> its weight key, until its bias (if any) is listed
+    for key in order:
+        file, dtype, shape = source.tensors[key]
+        module, _, leaf = key.rpartition(".")
+        if leaf == "weight" and module in targets:
+            if dtype not in _FLOATS or len(shape) != 2:
+                raise ValueError(f"{key!r} is {dtype} {shape}; only 2-D F32/BF16/F16 Linear weights can be quantized")
+            _add_weight(out, add, source, key, config)
+            if f"{module}.bias" in source.tensors and f"{module}.bias" in order:
+                pending[module] = key
+            else:
+                _add_state(out, add, source, key, config)
+            continue
+        add(key, dtype, list(shape))
+        out.ops.append(("copy", file, key, key))
+        if leaf == "bias" and module in pending:
+            _add_state(out, add, source, pending.pop(module), config)
+    return out
+
+
+def _add_weight(out: _Output, add: Any, source: _Source, key: str, config: BitsAndBytesConfig) -> None:
+    file, _dtype, (rows, cols) = source.tensors[key]
+    n = rows * cols
+    if config.bits == 8:
+        add(key, "I8", [rows, cols])
+    else:
+        add(key, "U8", [(n + 1) // 2, 1])
+
+
+def _add_state(out: _Output, add: Any, source: _Source, key: str, config: BitsAndBytesConfig) -> None:
+    """The tensors a quantized weight keeps beside itself, and the op producing them all."""
+    file, dtype, (rows, cols) = source.tensors[key]
+    module = key[: -len(".weight")]
+    if config.bits == 8:
+        add(f"{module}.SCB", "F32", [rows])
+        add(f"{module}.weight_format", "U8", [])
+        out.ops.append(("int8", file, key, rows, cols, key, f"{module}.SCB"))
+        out.ops.append(("bytes", b"\x00", f"{module}.weight_format"))
+        return
+    qt = config.bnb_4bit_quant_type
+    blocks = (rows * cols + _BLOCKSIZE - 1) // _BLOCKSIZE
+    nested = None
+    offset = None
+    if config.bnb_4bit_use_double_quant:
+        absmax = torch.frombuffer(bytearray(_core.absmax_4bit(source.files[file], key, _BLOCKSIZE)), dtype=torch.float32)
+        offset = absmax.mean().item() if absmax.numel() else float("nan")
+        nested = (offset, f"{key}.nested_absmax")
+        add(f"{key}.absmax", "U8", [blocks])
+    else:
+        add(f"{key}.absmax", "F32", [blocks])
+    add(f"{key}.quant_map", "F32", [16])
+    out.ops.append(("bytes", bytes(_core.code_4bit(qt)), f"{key}.quant_map"))
+    if nested is not None:
+        add(f"{key}.nested_absmax", "F32", [(blocks + _NESTED_BLOCKSIZE - 1) // _NESTED_BLOCKSIZE])
+        add(f"{key}.nested_quant_map", "F32", [256])
+        out.ops.append(("bytes", bytes(_core.dynamic_map()), f"{key}.nested_quant_map"))
+    state_key = f"{key}.quant_state.bitsandbytes__{qt}"
+    state = _quant_state_json(qt, dtype, [rows, cols], offset)
+    add(state_key, "U8", [len(state)])
+    out.ops.append(("bytes", state, state_key))
+    out.ops.append(("quant4", file, key, qt, _BLOCKSIZE, key, f"{key}.absmax", nested))
+
+
+def _write(
+    source: _Source,
+    out: _Output,
+    family: Family,
+    dst: Path,
+    quantizer: BitsAndBytesQuantizer,
+    json_files: dict[str, str],
+    max_shard_size: int | str | None,
+    progress: bool | None,
+    t0: float,
+) -> SaveResult:
+    # transformers saves a from_pretrained model in natural key order (its weight conversions
+    # reverted), diffusers in state-dict order.
+    keys = sorted(out.keys, key=_natural_key) if family is TRANSFORMERS else out.keys
+    groups = quantizer.weight_groups(keys)
+    ids: dict[str, int] = {}
+    plan_groups = []
+    for k in keys:
+        g = groups.get(k)
+        plan_groups.append(None if g is None else ids.setdefault(g, len(ids)))
+    sizes = [_nbytes(*out.specs[k]) for k in keys]
+    shards, total_size = _core.plan_shards(sizes, plan_groups, _parse_shard_size(max_shard_size, family))
+    weights_name = family.weights_name
+    file_names = _core.shard_file_names(weights_name, None, len(shards))
+    shard_of = {keys[i]: s for s, idx in enumerate(shards) for i in idx}
+    meta = {"format": "pt"}
+    shard_specs = [
+        (dst / fname, [(keys[i], *out.specs[keys[i]]) for i in idx], meta) for idx, fname in zip(shards, file_names)
+    ]
+    ops = []
+    for op in out.ops:
+        kind = op[0]
+        if kind == "copy":
+            _, file, name, target = op
+            ops.append(("copy", file, name, shard_of[target], target))
+        elif kind == "bytes":
+            _, data, target = op
+            ops.append(("bytes", data, shard_of[target], target))
+        elif kind == "quant4":
+            _, file, name, qt, bs, packed, absmax, nested = op
+            ops.append(("quant4", file, name, qt, bs, shard_of[packed], packed, absmax, nested))
+        else:
+            _, file, name, rows, cols, weight, scb = op
+            ops.append(("int8", file, name, rows, cols, shard_of[weight], weight, scb))
+
+    dst.mkdir(parents=True, exist_ok=True)
+    conversion = _core.Conversion(
+        [str(f) for f in source.files], shard_specs, ops, chunk_elems=_CHUNK_ELEMS, fsync=fsync_enabled()
+    )
+    total_in = sum(_nbytes(d, s) for _, d, s in source.tensors.values())
+    written = _run(conversion, progress, total_in)
+
+    result = SaveResult(directory=dst, files=list(file_names), total_bytes=sum(written), num_shards=len(shards))
+    index_name = _core.index_file_name(weights_name, None)
+    if len(shards) > 1:
+        weight_map = {k: file_names[s] for k, s in shard_of.items()}
+        index_meta: dict[str, Any] = {"total_size": total_size}
+        if family is TRANSFORMERS:
+            index_meta["total_parameters"] = out.parameters
+        text = _core.render_index_json(dump_json(index_meta), weight_map)
+        _core.write_bytes_atomic(dst / index_name, text.encode(), fsync=fsync_enabled())
+        result.files.append(index_name)
+    for name, text in json_files.items():
+        _core.write_bytes_atomic(dst / name, text.encode(), fsync=fsync_enabled())
+        result.files.append(name)
+    _remove_stale(dst, weights_name, None, set(file_names), len(shards) > 1, index_name)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _run(conversion: Any, progress: bool | None, total: int) -> list[int]:
+    """Runs the conversion (without the GIL), with a byte progress bar when asked or on a TTY."""
+    import sys
+
+    enabled = sys.stderr.isatty() if progress is None else progress
+    bar = None
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc="Converting", unit="B", unit_scale=True)
+        except ImportError:
+            bar = None
+    if bar is None:
+        return conversion.run()  # type: ignore[no-any-return]
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["sizes"] = conversion.run()
+        except BaseException as e:  # re-raised in the caller's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=work, name="quantsave-convert", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.2)
+            bar.update(conversion.progress() - bar.n)
+    finally:
+        bar.close()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["sizes"]  # type: ignore[no-any-return]
+
+
+def _convert_pipeline(
+    src: Path,
+    dst: Path,
+    quantization_config: Any,
+    components: list[str] | dict[str, Any] | None,
+    max_shard_size: int | str | None,
+    progress: bool | None,
+) -> SaveResult:
+    """Converts the named components of a pipeline folder and copies everything else."""
+    t0 = time.perf_counter()
+    if dst.resolve() == src.resolve():
+        raise ValueError("dst must differ from the source folder (the source files are read while writing)")
+    index = json.loads((src / "model_index.json").read_text(encoding="utf-8"))
+    names = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None]
+    with_weights = [n for n in names if (src / n).is_dir() and _has_weights(src / n)]
+    if isinstance(components, dict):
+        configs = {name: _bnb_config(c) for name, c in components.items()}
+    else:
+        chosen = with_weights if components is None else list(components)
+        if quantization_config is None:
+            raise ValueError("pass a quantization config (or a components mapping of configs)")
+        shared = _bnb_config(quantization_config)
+        configs = {name: shared for name in chosen}
+    unknown = [n for n in configs if n not in with_weights]
+    if unknown:
+        raise ValueError(f"pipeline components {unknown} are not in {str(src)!r} or have no safetensors weights; components with weights: {with_weights}")
+    for name in configs:
+        cfg = read_config(src / name)
+        if cfg is not None and cfg.get("quantization_config") is not None:
+            raise ValueError(f"pipeline component {name!r} is already quantized")
+    dst.mkdir(parents=True, exist_ok=True)
+    result = SaveResult(directory=dst)
+    for entry in sorted(src.iterdir()):
+        target = dst / entry.name
+        if entry.name in configs:
+            r = _convert_model(entry, target, configs[entry.name], None, max_shard_size, progress)
+            result.files.extend(f"{entry.name}/{f}" for f in r.files)
+            result.total_bytes += r.total_bytes
+            result.num_shards += r.num_shards
+        elif entry.is_dir():
+            shutil.copytree(entry, target, dirs_exist_ok=True)
+        elif entry.is_file():
+            shutil.copy2(entry, target)
+            result.files.append(entry.name)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _has_weights(folder: Path) -> bool:
+    try:
+        find_weights(folder)
+    except (FileNotFoundError, CheckpointError):
+        return False
+    return True
+

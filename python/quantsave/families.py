@@ -51,9 +51,12 @@ def is_pipeline(obj: Any) -> bool:
     return _derives(obj, "diffusers", "DiffusionPipeline")
 
 
-def model_config_files(model: nn.Module, family: Family, quant_dict: dict[str, Any] | None) -> dict[str, str]:
+def model_config_files(
+    model: nn.Module, family: Family, quant_dict: dict[str, Any] | None, *, dtype: Any = None
+) -> dict[str, str]:
     """The JSON files (name -> text) the family writes beside the weights, with
-    ``quantization_config`` set to ``quant_dict`` (removed when None)."""
+    ``quantization_config`` set to ``quant_dict`` (removed when None). ``dtype`` stands in for
+    the model's dtype (transformers records it) when the weights written are not the model's."""
     files: dict[str, str] = {}
     if family is DIFFUSERS:
         cfg = json.loads(model.to_json_string())  # type: ignore[operator]
@@ -61,7 +64,7 @@ def model_config_files(model: nn.Module, family: Family, quant_dict: dict[str, A
     elif family is TRANSFORMERS:
         config = copy.deepcopy(model.config)
         # As transformers' save_pretrained: record the weights dtype and the architecture.
-        config.dtype = str(model.dtype).split(".")[1]  # type: ignore[attr-defined]
+        config.dtype = str(dtype if dtype is not None else model.dtype).split(".")[1]  # type: ignore[attr-defined]
         config.architectures = [type(model).__name__.removeprefix("FSDP")]
         for attr in ("quantization_config", "_pre_quantization_dtype"):
             # The caller's dict (or none) takes the config's place; the dtype is never written.

@@ -5,6 +5,7 @@ weights on an accelerator by bitsandbytes. torchao: torchao's ``quantize_`` on t
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from torch import nn
@@ -14,9 +15,86 @@ from quantsave.config.base import resolve_config
 from quantsave.config.bnb import BitsAndBytesConfig
 from quantsave.config.quanto import QuantoConfig
 from quantsave.config.torchao import TorchAoConfig
+from quantsave.families import DIFFUSERS, TRANSFORMERS, family_of
 from quantsave.quantizers.bnb import import_bnb
 
-__all__ = ["quantize"]
+__all__ = ["bnb_targets", "quantize", "transformers_should_convert"]
+
+
+_BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
+
+
+def transformers_should_convert(name: str, patterns: list[str]) -> bool:
+    """transformers' rule for ``modules_to_not_convert``: a pattern skips ``name`` when it
+    matches from the start up to a module boundary (as a regex: ``layers.*`` skips
+    ``layers.11.attn``, ``mlp.gate`` does not skip ``mlp.gate_proj``) or is a suffix of it."""
+    return not any(re.match(rf"(?:{p}){_BOUNDARY}", name) or name.endswith(p) for p in patterns)
+
+
+def bnb_targets(model: nn.Module, config: BitsAndBytesConfig, modules_to_not_convert: list[str] | None = None) -> list[str]:
+    """The names of the Linear layers bitsandbytes quantization replaces, in module order, by the
+    rule of the model's library:
+
+    - transformers: ``type(m) is nn.Linear`` unless a ``modules_to_not_convert`` pattern matches;
+      the patterns are the config's ``llm_int8_skip_modules`` (or, when it is None, the tied
+      weights, the module of the last parameter and the output embeddings) plus the model's
+      ``_keep_in_fp32_modules``. GPT-2 style ``Conv1D`` layers are refused.
+    - diffusers: ``isinstance(m, nn.Linear)`` unless its name is listed, or a listed name equals
+      the full name or is followed by a dot inside it (``llm_int8_skip_modules`` plus the model's
+      ``_keep_in_fp32_modules``).
+    - other modules: ``type(m) is nn.Linear`` minus the listed names (exact, prefix, suffix or
+      name part) and the output embeddings when the model has ``get_output_embeddings``.
+
+    ``modules_to_not_convert`` adds names to skip in every case.
+
+    Raises:
+        ValueError: a transformers model with ``Conv1D`` layers to quantize.
+    """
+    extra = list(modules_to_not_convert or [])
+    family = family_of(model)
+    fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    if family is TRANSFORMERS:
+        skip = config.llm_int8_skip_modules
+        patterns = (_transformers_default_skips(model) if skip is None else []) + list(skip or []) + fp32 + extra
+        names = []
+        for name, m in model.named_modules():
+            if not name or not transformers_should_convert(name, patterns):
+                continue
+            if type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers"):
+                raise ValueError(
+                    f"{name!r} is a GPT-2 style Conv1D layer; quantsave quantizes nn.Linear layers only (not supported yet)"
+                )
+            if type(m) is nn.Linear:
+                names.append(name)
+        return names
+    if family is DIFFUSERS:
+        listed = [k for k in list(config.llm_int8_skip_modules or []) + fp32 + extra if k is not None]
+        return [
+            name
+            for name, m in model.named_modules()
+            if name
+            and isinstance(m, nn.Linear)
+            and name.rpartition(".")[2] not in listed
+            and not any(k + "." in name or k == name for k in listed)
+        ]
+    skip = _skip_list(model, extra, config.llm_int8_skip_modules, skip_output=True)
+    return [name for name, m in model.named_modules() if type(m) is nn.Linear and name and not _skipped(name, skip)]
+
+
+def _transformers_default_skips(model: nn.Module) -> list[str]:
+    """transformers' ``get_keys_to_not_convert``: tied weights, the module of the last
+    parameter and the output embeddings."""
+    keys: set[str] = set()
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    keys |= set(tied) | set(tied.values())
+    params = [n for n, _ in model.named_parameters()]
+    if params:
+        keys.add(params[-1])
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    if output is not None:
+        keys |= {n for n, m in model.named_modules() if m is output}
+    return sorted({k.removesuffix(".weight") for k in keys})
 
 
 def _skipped(name: str, skip: list[str]) -> bool:
@@ -46,10 +124,8 @@ def quantize(model: nn.Module, quantization_config: Any, *, modules_to_not_conve
         method = config.method if config is not None else None
         raise ValueError(f"quantize supports bitsandbytes 4-bit and 8-bit, torchao and optimum-quanto configs, got {method!r}")
     bnb = import_bnb()
-    skip = _skip_list(model, list(modules_to_not_convert or []), config.llm_int8_skip_modules, skip_output=True)
-    targets = [
-        (name, m) for name, m in model.named_modules() if type(m) is nn.Linear and name and not _skipped(name, skip)
-    ]
+    names = bnb_targets(model, config, modules_to_not_convert)
+    targets = [(name, model.get_submodule(name)) for name in names]
     for name, lin in targets:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

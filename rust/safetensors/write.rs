@@ -298,7 +298,8 @@ pub struct StreamWriter {
     index: std::collections::HashMap<String, usize>,
     offsets: Vec<u64>,
     sizes: Vec<u64>,
-    written: Vec<bool>,
+    /// Bytes written so far per tensor (ranges are written at most once each by callers).
+    filled: Vec<AtomicU64>,
     file_size: u64,
 }
 
@@ -332,7 +333,7 @@ impl StreamWriter {
                 .iter()
                 .map(TensorSpec::byte_size)
                 .collect::<Result<_>>()?,
-            written: vec![false; tensors.len()],
+            filled: tensors.iter().map(|_| AtomicU64::new(0)).collect(),
             file_size: lay.file_size,
         };
         writer
@@ -348,13 +349,8 @@ impl StreamWriter {
 
     /// Writes tensor `name` (its bytes must match its dtype and shape; each tensor once).
     pub fn write(&mut self, name: &str, data: &[u8]) -> Result<()> {
-        let &i = self.index.get(name).ok_or_else(|| {
-            Error::invalid(format!(
-                "{}: no tensor {name:?} in this file",
-                self.path.display()
-            ))
-        })?;
-        if self.written[i] {
+        let i = self.tensor_index(name)?;
+        if self.filled[i].load(Ordering::Relaxed) != 0 {
             return Err(Error::invalid(format!(
                 "{}: tensor {name:?} was already written",
                 self.path.display()
@@ -368,19 +364,53 @@ impl StreamWriter {
                 data.len()
             )));
         }
+        self.write_range(i, 0, data)
+    }
+
+    /// The position of tensor `name` in the specs this writer was created with.
+    pub fn tensor_index(&self, name: &str) -> Result<usize> {
+        self.index.get(name).copied().ok_or_else(|| {
+            Error::invalid(format!(
+                "{}: no tensor {name:?} in this file",
+                self.path.display()
+            ))
+        })
+    }
+
+    /// Byte size of tensor `i`.
+    pub fn tensor_size(&self, i: usize) -> u64 {
+        self.sizes[i]
+    }
+
+    /// Writes `data` at byte `at` of tensor `i` (by [`StreamWriter::tensor_index`]). Takes
+    /// `&self`, so threads can fill disjoint parts of one file at once; the caller writes each
+    /// byte of a tensor once (the writer counts bytes, it does not track ranges).
+    pub fn write_range(&self, i: usize, at: u64, data: &[u8]) -> Result<()> {
+        let size = *self
+            .sizes
+            .get(i)
+            .ok_or_else(|| Error::invalid(format!("{}: no tensor #{i}", self.path.display())))?;
+        let end = at.checked_add(data.len() as u64);
+        if end.is_none_or(|e| e > size) {
+            return Err(Error::invalid(format!(
+                "{}: bytes {at}..{} fall outside tensor #{i} ({size} bytes)",
+                self.path.display(),
+                at.saturating_add(data.len() as u64)
+            )));
+        }
         self.file
-            .write_all_at(data, self.offsets[i])
+            .write_all_at(data, self.offsets[i] + at)
             .map_err(|e| Error::io(&self.path, "write", e))?;
-        self.written[i] = true;
+        self.filled[i].fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Names of the tensors not written yet.
+    /// Names of the tensors not completely written yet.
     pub fn missing(&self) -> Vec<String> {
         let mut out: Vec<String> = self
             .index
             .iter()
-            .filter(|(_, &i)| !self.written[i])
+            .filter(|(_, &i)| self.filled[i].load(Ordering::Relaxed) != self.sizes[i])
             .map(|(n, _)| n.clone())
             .collect();
         out.sort();
