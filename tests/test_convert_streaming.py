@@ -1,0 +1,150 @@
+"""``convert``'s streaming path: pipeline folders (named components converted, the rest copied),
+chunking that never changes a byte, failures that keep the previous checkpoint, the progress
+bar, and the static layout that spares importing transformers' modeling code."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import quantsave as qs
+from conftest import files_equal
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("bitsandbytes")
+
+convert_module = importlib.import_module("quantsave.convert")
+
+NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+
+
+class TinyPipeline(diffusers.DiffusionPipeline):  # type: ignore[misc,name-defined]
+    def __init__(self, unet, text_encoder, scheduler) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        self.register_modules(unet=unet, text_encoder=text_encoder, scheduler=scheduler)
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(32, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
+    config = transformers.CLIPTextConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+    )
+    path = tmp_path_factory.mktemp("pipe-float")
+    TinyPipeline(unet.eval(), transformers.CLIPTextModel(config).eval(), diffusers.DDPMScheduler()).save_pretrained(path)
+    return path
+
+
+X = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+IDS = torch.tensor([[0, 5, 9, 33, 1]])
+
+
+def outputs(pipe) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        return pipe.unet(X, 10).sample, pipe.text_encoder(IDS).last_hidden_state
+
+
+def test_pipeline_folder_converts_named_components(pipe_dir, diffusers_bnb_on_cpu, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    result = qs.convert(pipe_dir, tmp_path / "qs", qs.BitsAndBytesConfig(**NF4))
+    assert result.num_shards == 2  # unet and text_encoder, the components with weights
+    ref = TinyPipeline.from_pretrained(
+        pipe_dir,
+        quantization_config=diffusers.PipelineQuantizationConfig(
+            quant_backend="bitsandbytes_4bit", quant_kwargs=NF4, components_to_quantize=["unet", "text_encoder"]
+        ),
+        device_map="cpu",
+        torch_dtype=torch.float32,  # diffusers' bnb path would pick float16; convert keeps the source dtype
+    )
+    ref.save_pretrained(tmp_path / "hf")
+    for component in ("unet", "text_encoder"):
+        assert files_equal(tmp_path / "qs" / component, tmp_path / "hf" / component) == [], component
+    # Everything else is copied as it is.
+    assert files_equal(tmp_path / "qs" / "scheduler", pipe_dir / "scheduler") == []
+    assert (tmp_path / "qs" / "model_index.json").read_bytes() == (pipe_dir / "model_index.json").read_bytes()
+    loaded = TinyPipeline.from_pretrained(tmp_path / "qs", device_map="cpu", torch_dtype=torch.float32)
+    for a, b in zip(outputs(loaded), outputs(ref)):
+        assert torch.equal(a, b)
+
+
+def test_pipeline_component_mapping(pipe_dir, diffusers_bnb_on_cpu, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    qs.convert(pipe_dir, tmp_path / "qs", None, components={"unet": diffusers.BitsAndBytesConfig(load_in_8bit=True)})
+    assert json.loads((tmp_path / "qs" / "unet" / "config.json").read_text())["quantization_config"]["load_in_8bit"]
+    assert files_equal(tmp_path / "qs" / "text_encoder", pipe_dir / "text_encoder") == []
+    ref = diffusers.UNet2DModel.from_pretrained(
+        pipe_dir / "unet", quantization_config=diffusers.BitsAndBytesConfig(load_in_8bit=True), device_map="cpu",
+        torch_dtype=torch.float32,
+    )
+    ref.save_pretrained(tmp_path / "hf")
+    assert files_equal(tmp_path / "qs" / "unet", tmp_path / "hf") == []
+
+
+def test_pipeline_bad_components_write_nothing(pipe_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="scheduler"):
+        qs.convert(pipe_dir, tmp_path / "a", qs.BitsAndBytesConfig(**NF4), components=["scheduler"])
+    with pytest.raises(ValueError, match="vae"):
+        qs.convert(pipe_dir, tmp_path / "b", None, components={"vae": qs.BitsAndBytesConfig(**NF4)})
+    with pytest.raises(ValueError, match="pipeline"):
+        qs.convert(pipe_dir / "unet", tmp_path / "c", qs.BitsAndBytesConfig(**NF4), components=["unet"])
+    assert not any((tmp_path / n).exists() for n in "abc")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [NF4, dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True), dict(load_in_8bit=True)],
+    ids=["nf4", "fp4-dq", "int8"],
+)
+def test_chunk_size_never_changes_a_byte(config, llama_dir, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    qs.convert(llama_dir, tmp_path / "whole", qs.BitsAndBytesConfig(**config), max_shard_size="60KB")
+    monkeypatch.setattr(convert_module, "_CHUNK_ELEMS", 1)  # one nested block (16 384 values) per chunk
+    qs.convert(llama_dir, tmp_path / "chunked", qs.BitsAndBytesConfig(**config), max_shard_size="60KB")
+    names = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert len(names) > 3 and names == sorted(p.name for p in (tmp_path / "chunked").iterdir())
+    assert files_equal(tmp_path / "chunked", tmp_path / "whole") == []
+
+
+def test_failure_keeps_the_previous_checkpoint(llama_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    nf4 = qs.BitsAndBytesConfig(**NF4)
+    qs.convert(llama_dir, tmp_path / "out", nf4)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    bad = tmp_path / "bad"
+    shutil.copytree(llama_dir, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(qs.CheckpointError):
+        qs.convert(bad, tmp_path / "out", nf4)
+    # A NaN in a weight: found while quantizing, after the output files were started.
+    (bad / "model.safetensors").write_bytes(data)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 4] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="NaN"):
+        qs.convert(bad, tmp_path / "out", nf4)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
+def test_progress_bar(llama_dir, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    qs.convert(llama_dir, tmp_path / "out", qs.BitsAndBytesConfig(**NF4), progress=True)
+    assert "Converting" in capsys.readouterr().err
+    qs.convert(llama_dir, tmp_path / "quiet", qs.BitsAndBytesConfig(**NF4), progress=False)
+    assert "Converting" not in capsys.readouterr().err
