@@ -283,3 +283,37 @@ def test_convert_command(llama_dir, tmp_path) -> None:  # type: ignore[no-untype
     )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "quantsave: error:" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_convert_command_pipeline_components(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``--components`` picks the pipeline components to convert; the rest is copied."""
+    import subprocess
+    import sys
+
+    diffusers = pytest.importorskip("diffusers")
+
+    class Pipe(diffusers.DiffusionPipeline):  # type: ignore[misc,name-defined]
+        def __init__(self, first, second, scheduler) -> None:  # type: ignore[no-untyped-def]
+            super().__init__()
+            self.register_modules(first=first, second=second, scheduler=scheduler)
+
+    torch.manual_seed(0)
+    kw = dict(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 32), norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
+    Pipe(diffusers.UNet2DModel(**kw), diffusers.UNet2DModel(**kw), diffusers.DDPMScheduler()).save_pretrained(tmp_path / "src")
+    proc = subprocess.run(
+        [sys.executable, "-m", "quantsave", "convert", str(tmp_path / "src"), str(tmp_path / "out"),
+         "--quant", "int8", "--components", "second", "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0 and proc.stdout == "", proc.stderr
+    assert "quantization_config" in (tmp_path / "out" / "second" / "config.json").read_text()
+    for name in ("first/diffusion_pytorch_model.safetensors", "first/config.json", "model_index.json", "scheduler/scheduler_config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "src" / name).read_bytes(), name
+    bad = subprocess.run(
+        [sys.executable, "-m", "quantsave", "convert", str(tmp_path / "src"), str(tmp_path / "x"), "--quant", "nf4", "--components", "nope"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert bad.returncode == 2 and "nope" in bad.stderr and not (tmp_path / "x").exists()

@@ -50,14 +50,18 @@ examples:
 """
 
 CONVERT_EPILOG = """\
-SRC is a float safetensors checkpoint: a model folder (config.json plus one file or shards) or
-a single .safetensors file beside a config.json. DST receives what diffusers/transformers write
-after quantizing the model on load with the same bitsandbytes config.
+SRC is a float safetensors checkpoint: a model folder (config.json plus one file or shards), a
+single .safetensors file beside a config.json, or a diffusers pipeline folder (model_index.json;
+the components named by --components, default all with weights, are converted and the rest is
+copied). DST receives what diffusers/transformers write after quantizing the model on load with
+the same bitsandbytes config, keeping the source dtype. Tensors stream through a few MB per
+thread, so checkpoints larger than RAM convert.
 
 examples:
   quantsave convert ./llama-bf16 ./llama-nf4 --quant nf4
   quantsave convert ./llama-bf16 ./llama-nf4-dq --quant nf4 --double-quant --max-shard-size 2GB
   quantsave convert ./sd3-transformer ./sd3-int8 --quant int8 --skip proj_out
+  quantsave convert ./sd3-pipeline ./sd3-nf4 --quant nf4 --components transformer text_encoder_3
 """
 
 DEMO_EPILOG = """\
@@ -170,7 +174,12 @@ def _convert(args: argparse.Namespace) -> int:
             llm_int8_skip_modules=args.skip,
         )
     result = convert(
-        args.src, args.dst, config, max_shard_size=args.max_shard_size, progress=False if args.quiet else None
+        args.src,
+        args.dst,
+        config,
+        components=args.components,
+        max_shard_size=args.max_shard_size,
+        progress=False if args.quiet else None,
     )
     if not args.quiet:
         print(f"wrote {args.dst}: {result.num_shards} shard(s), {_human(result.total_bytes)}, {result.seconds:.2f} s")
@@ -208,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--double-quant", action="store_true", help="also quantize the 4-bit absmax (nested quantization)")
     conv.add_argument("--max-shard-size", help="shard size, e.g. 5GB (default: the model family's)")
     conv.add_argument("--skip", nargs="+", metavar="MODULE", help="Linear modules to keep in float")
+    conv.add_argument(
+        "--components", nargs="+", metavar="NAME",
+        help="pipeline folders only: the components to convert (default: every component with weights); the rest is copied",
+    )
     conv.set_defaults(func=_convert)
 
     inspect = sub.add_parser(
