@@ -6,7 +6,13 @@ each size runs every tool in a fresh process, timed from after ``import torch``,
 medians of the wall time and of the peak RSS (``ru_maxrss``) against the process baseline with
 torch imported.
 
+With ``--larger-than-ram GB`` it instead writes a Llama-shaped bf16 checkpoint of at least that
+size tensor by tensor (hidden 4096, 5 GB shards; one random buffer reused for every weight) and
+converts it with quantsave alone, printing the time, the peak RSS and the machine's RAM: the
+reference loads whole models and cannot run there.
+
 Usage: python benches/convert_compare.py [--layers 12 24] [--hidden 2048] [--runs 3] [--dir /tmp/qs-convert]
+       python benches/convert_compare.py --larger-than-ram 26 [--dir /big/disk]
 """
 
 from __future__ import annotations
@@ -70,6 +76,65 @@ def _build(path: str, layers: int, hidden: int) -> None:
     model.save_pretrained(path)
 
 
+def build_huge(path: Path, gigabytes: float) -> None:
+    """A sharded bf16 Llama checkpoint of at least ``gigabytes``, written without holding it."""
+    if (path / "config.json").is_file():
+        return
+    import torch
+    import transformers
+
+    from quantsave import _core
+
+    hidden, inter, vocab = 4096, 11008, 32000
+    per_layer = 2 * (4 * hidden * hidden + 3 * hidden * inter + 2 * hidden)
+    layers = max(1, int((gigabytes * 1e9 - 4 * vocab * hidden) // per_layer) + 1)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False, dtype="bfloat16",
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    path.mkdir(parents=True, exist_ok=True)
+    shapes: dict[str, list[int]] = {"model.embed_tokens.weight": [vocab, hidden], "lm_head.weight": [vocab, hidden]}
+    shapes["model.norm.weight"] = [hidden]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[f"{p}self_attn.{n}.weight"] = [hidden, hidden]
+        shapes[f"{p}mlp.gate_proj.weight"] = [inter, hidden]
+        shapes[f"{p}mlp.up_proj.weight"] = [inter, hidden]
+        shapes[f"{p}mlp.down_proj.weight"] = [hidden, inter]
+        shapes[f"{p}input_layernorm.weight"] = [hidden]
+        shapes[f"{p}post_attention_layernorm.weight"] = [hidden]
+    torch.manual_seed(0)
+    pool = torch.randn(vocab * hidden, dtype=torch.bfloat16)
+    limit, shards, current, size = 5 * 10**9, [], [], 0
+    for name, shape in shapes.items():
+        nbytes = 2 * shape[0] * (shape[1] if len(shape) > 1 else 1)
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    shards.append(current)
+    names = _core.shard_file_names("model.safetensors", None, len(shards))
+    weight_map, total = {}, 0
+    for fname, keys in zip(names, shards):
+        writer = _core.StreamWriter(str(path / fname), [(k, "BF16", shapes[k]) for k in keys], {"format": "pt"})
+        for k in keys:
+            n = 1
+            for d in shapes[k]:
+                n *= d
+            writer.write(k, pool[:n].view(torch.uint8).numpy())
+            weight_map[k] = fname
+            total += 2 * n
+        writer.finish(fsync=False)
+    index = {"metadata": {"total_parameters": total // 2, "total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    if len(shards) > 1:
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    config.save_pretrained(path)
+    transformers.GenerationConfig.from_model_config(config).save_pretrained(path)
+
+
 def run(tool: str, src: Path, dst: Path) -> dict[str, float]:
     out = subprocess.run([sys.executable, "-c", CHILD, tool, str(src), str(dst)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
@@ -81,8 +146,20 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "qs-convert"))
+    p.add_argument("--larger-than-ram", type=float, metavar="GB", help="convert a checkpoint of this size with quantsave alone")
     args = p.parse_args()
     root = Path(args.dir)
+    if args.larger_than_ram:
+        src = root / f"llama-huge-{args.larger_than_ram:g}gb"
+        code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import convert_compare as c; c.build_huge(c.Path({str(src)!r}), {args.larger_than_ram})"
+        subprocess.run([sys.executable, "-c", code], check=True)
+        gb = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 1e9
+        ram = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal")) / 1e6
+        m = run("quantsave", src, root / "out-huge")
+        out_gb = sum(f.stat().st_size for f in (root / "out-huge").glob("*.safetensors")) / 1e9
+        print(f"{gb:.1f} GB bf16 checkpoint, {ram:.1f} GB RAM: quantsave nf4 in {m['seconds']:.1f} s, "
+              f"peak RSS {m['peak_mb']:.0f} MB (base {m['base_mb']:.0f} MB), output {out_gb:.1f} GB")
+        return
     print(f"{'checkpoint':<22}{'tool':<14}{'seconds':>9}{'peak-base MB':>14}{'base MB':>9}")
     for layers in args.layers:
         src = root / f"llama-{layers}l-{args.hidden}"
