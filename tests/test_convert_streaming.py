@@ -148,3 +148,31 @@ def test_progress_bar(llama_dir, tmp_path, capsys) -> None:  # type: ignore[no-u
     assert "Converting" in capsys.readouterr().err
     qs.convert(llama_dir, tmp_path / "quiet", qs.BitsAndBytesConfig(**NF4), progress=False)
     assert "Converting" not in capsys.readouterr().err
+
+
+def test_static_layout_spares_the_transformers_import(llama_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A checkpoint written by the installed transformers converts without importing it, to the
+    bytes the skeleton path (model passed in) writes; a config from another version takes the
+    skeleton path."""
+    code = (
+        "import sys, quantsave as qs; "
+        f"qs.convert({str(llama_dir)!r}, {str(tmp_path / 'static')!r}, qs.BitsAndBytesConfig(load_in_4bit=True)); "
+        "print('transformers' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+    config = transformers.AutoConfig.from_pretrained(llama_dir)
+    with torch.device("meta"):
+        skeleton = transformers.LlamaForCausalLM(config)
+    qs.convert(llama_dir, tmp_path / "skeleton", qs.BitsAndBytesConfig(load_in_4bit=True), model=skeleton)
+    assert files_equal(tmp_path / "static", tmp_path / "skeleton") == []
+
+    older = tmp_path / "older"
+    shutil.copytree(llama_dir, older)
+    cfg = json.loads((older / "config.json").read_text())
+    cfg["transformers_version"] = "4.0.0"
+    (older / "config.json").write_text(json.dumps(cfg))
+    layout = convert_module._static_layout(convert_module._read_source(older), qs.BitsAndBytesConfig(load_in_4bit=True), None)
+    assert layout is None
+    assert convert_module._static_layout(convert_module._read_source(llama_dir), qs.BitsAndBytesConfig(load_in_4bit=True), None)
