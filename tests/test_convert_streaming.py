@@ -176,3 +176,12 @@ def test_static_layout_spares_the_transformers_import(llama_dir, tmp_path) -> No
     layout = convert_module._static_layout(convert_module._read_source(older), qs.BitsAndBytesConfig(load_in_4bit=True), None)
     assert layout is None
     assert convert_module._static_layout(convert_module._read_source(llama_dir), qs.BitsAndBytesConfig(load_in_4bit=True), None)
+
+
+@pytest.mark.parametrize("config", [NF4, dict(load_in_8bit=True)], ids=["nf4", "int8"])
+def test_converted_folder_loads_with_quantsave(config, llama_dir, llama_ids, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    qs.convert(llama_dir, tmp_path / "out", qs.BitsAndBytesConfig(**config), max_shard_size="100KB")
+    ours = qs.load_quantized(tmp_path / "out")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(ours(llama_ids).logits, ref(llama_ids).logits)
