@@ -69,7 +69,13 @@ CASES = [
              num_attention_heads=4, max_position_embeddings=64, pad_token_id=0),
         "answer",
     ),
-    Case("falcon", "falcon", "FalconForCausalLM", dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4), "any"),
+    Case(
+        "falcon",
+        "falcon",
+        "FalconForCausalLM",
+        dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+        "any",
+    ),
     Case(
         "t5",
         "t5",

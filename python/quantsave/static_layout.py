@@ -2,13 +2,17 @@
 checkpoint, found by reading transformers' modeling source with ``ast`` instead of importing it.
 
 The exact answer (``quantize.bnb_targets`` on a meta skeleton) costs an import of transformers'
-modeling code, seconds of CPU. Here the ``__init__`` methods of the architecture class and the
-classes it builds are read statically: each checkpoint key is walked from the architecture class
-through the ``self.<attr> = <ctor>(...)`` assignments to the module that owns it, and transformers'
-skips (tied weights, the module of the last parameter, the output embeddings,
-``_keep_in_fp32_modules``) come from class attributes and the configuration's source. Whatever the
-reading cannot settle gives None, so the caller falls back to the exact path; an uncertain skip is
-accepted only when the answer is the same with and without it.
+modeling code, seconds of CPU. Here the ``__init__`` methods of the architecture class and of the
+classes it builds are executed abstractly (both branches of every ``if``): each attribute gets the
+set of kinds it can hold (nn.Linear, another torch layer, a transformers class, a ModuleList, a
+parameter, unknown). Every checkpoint key (renamed first, when transformers renames it on load) is
+walked from the architecture class down those attributes; a key no candidate kind explains, or
+one that may or may not be an nn.Linear weight, makes the answer None. transformers' default skips
+come from the same reading: ``_tied_weights_keys`` with ``tie_word_embeddings`` (from config.json
+or the configuration class's default), the module of the last parameter (registration order of the
+``__init__``s, with the tied parameters save_pretrained leaves out), ``get_output_embeddings`` and
+``_keep_in_fp32_modules``. A skip the reading is unsure of is accepted only when the answer is the
+same with and without it; anything else unusual gives None, so the caller builds the model.
 
 Never imports transformers, diffusers or bitsandbytes.
 """
@@ -46,12 +50,17 @@ _TORCH: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "GroupNorm": (("weight", "bias"), ()),
     "PReLU": (("weight",), ()),
     **{f"Conv{d}": (("weight", "bias"), ()) for d in ("1d", "2d", "3d", "Transpose1d", "Transpose2d", "Transpose3d")},
-    **{f"BatchNorm{d}": (("weight", "bias"), ("running_mean", "running_var", "num_batches_tracked")) for d in ("1d", "2d", "3d")},
+    **{
+        f"BatchNorm{d}": (("weight", "bias"), ("running_mean", "running_var", "num_batches_tracked"))
+        for d in ("1d", "2d", "3d")
+    },
 }
 _FLOAT_DTYPES = {"F32", "F16", "BF16"}
 _DECORATORS = {"auto_docstring", "use_kernel_forward_from_hub", "use_kernelized_func", "use_experts_implementation"}
 # transformers' "legacy" renamings, applied on load to every model (conversion_mapping.py).
-_LEGACY = re.compile(r"LayerNorm.(gamma|beta)(?!\w)|.weight_[gv](?!\w)|^(model\.language_model|language_model\.model)\.model(?!\w)")
+_LEGACY = re.compile(
+    r"LayerNorm.(gamma|beta)(?!\w)|.weight_[gv](?!\w)|^(model\.language_model|language_model\.model)\.model(?!\w)"
+)
 # get_expanded_tied_weights_keys: mappings outside this regex are expanded against the parameters.
 _TIED_COMMON = re.compile(r"^[A-Za-z0-9_\.]+(weight)|(bias)$")
 
@@ -97,7 +106,8 @@ def _static_targets(
     bad = next((k for k in tensors if _LEGACY.search(k)), None)
     if bad is not None:
         raise _Unsure(f"{bad!r} is renamed by transformers on load")
-    return _Reader(Path(list(spec.submodule_search_locations)[0]), config, model_type, archs[0], tensors).targets(skip_modules)
+    root = Path(list(spec.submodule_search_locations)[0])
+    return _Reader(root, config, model_type, archs[0], tensors).targets(skip_modules)
 
 
 # ---------------------------------------------------------------- parsing (cached per file version)
@@ -312,9 +322,8 @@ class _Reader:
             if e[2] in src.patched:
                 raise _Unsure(f"{e[2]} is patched at module level")
             for st in node.body:
-                targets = st.targets if isinstance(st, ast.Assign) else [st.target] if isinstance(st, ast.AnnAssign) else []
-                if any(isinstance(t, ast.Name) and t.id == name for t in targets) and st.value is not None:  # type: ignore[union-attr]
-                    return st.value  # type: ignore[union-attr]
+                if isinstance(st, (ast.Assign, ast.AnnAssign)) and st.value is not None and name in _names(st):
+                    return st.value
         return None
 
     def method(self, ref: tuple, name: str, start: int = 0) -> tuple[int, ast.FunctionDef] | None:
@@ -371,17 +380,17 @@ class _Reader:
             raise _Unsure(f"{fn.name} has no self")
         src = self.cls(self.mro(ref)[index])[0]
         ctx = _Ctx(src, ref, self.mro(ref), index, fn.args.args[0].arg, _env(fn))
-        self.exec(fn.body, ctx, lay, depth)
+        self.run_block(fn.body, ctx, lay, depth)
 
-    def exec(self, stmts: list[ast.stmt], ctx: _Ctx, lay: _Layout, depth: int) -> None:
+    def run_block(self, stmts: list[ast.stmt], ctx: _Ctx, lay: _Layout, depth: int) -> None:
         for st in stmts:
             if isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Pass)):
                 continue
             if isinstance(st, (ast.If, ast.For, ast.While, ast.With, ast.Try)):
                 for block in ("body", "orelse", "finalbody"):
-                    self.exec(getattr(st, block, []), ctx, lay, depth)
+                    self.run_block(getattr(st, block, []), ctx, lay, depth)
                 for h in getattr(st, "handlers", []):
-                    self.exec(h.body, ctx, lay, depth)
+                    self.run_block(h.body, ctx, lay, depth)
                 continue
             if isinstance(st, (ast.Match, ast.Delete)):
                 lay.dynamic = True
@@ -430,7 +439,8 @@ class _Reader:
             elif func.attr in ("append", "insert"):
                 types = self.value(arg, ctx)
             else:
-                types = set().union(*(_merge_list(t, set())[2] if t[0] == "list" else {_UNKNOWN} for t in self.list_of(arg, ctx)))
+                lists = self.list_of(arg, ctx)
+                types = set().union(*(_merge_list(t, set())[2] if t[0] == "list" else {_UNKNOWN} for t in lists))
             lay.appended.setdefault(owner, set()).update(types)
             return
         if isinstance(func.value, ast.Name) and func.value.id == s:
@@ -544,7 +554,8 @@ class _Reader:
         """``AutoModel.from_config(config)`` in the architecture's own ``__init__``: the base model
         of the model_type (MODEL_MAPPING_NAMES), when this modeling file defines it."""
         arg = call.args[0] if call.args else None
-        if not (ctx.ref == self.arch and isinstance(arg, ast.Name) and arg.id == "config" and ctx.env.get("config") == [None]):
+        top_config = isinstance(arg, ast.Name) and arg.id == "config" and ctx.env.get("config") == [None]
+        if not (ctx.ref == self.arch and top_config):
             return _UNKNOWN
         block = _block(self.root / "models" / "auto" / "modeling_auto.py", "\nMODEL_MAPPING_NAMES = ", "\n)\n")
         m = re.search(rf'\(\s*"{re.escape(self.model_type)}",\s*"(\w+)"\s*\)', block)
@@ -592,8 +603,9 @@ class _Reader:
         raise _Unsure(f"a module this reading cannot classify ({t})")
 
     def explain(self, node: dict[str, Any], prefix: str, types: set[tuple]) -> None:
-        """Checks that a module of one of ``types`` holds every key under ``node``; records the
-        kinds that do (for the last parameter) and the kind of every tensor."""
+        """Checks that a module of one of ``types`` holds every key under ``node`` (a trie of
+        the keys below ``prefix``); records the kinds that can (``survivors``) and whether each
+        tensor is an nn.Linear weight (``kinds``). Raises _Unsure when a key is unexplained."""
         def fits(t: tuple) -> bool:
             return all(
                 (self.tensor_kind(t, c) is not None) if sub is None else bool(self.child(t, c) - {_NONE})
@@ -686,16 +698,17 @@ class _Reader:
                 return None  # the config class computes or renames it
         src = _parse(str(path), path.stat().st_mtime, f"transformers.models.{self.folder}.configuration_{self.folder}")
         for node in src.classes.values():
-            mt = [st.value for st in node.body if isinstance(st, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "model_type" for t in st.targets)]
+            mt = [st.value for st in node.body if isinstance(st, ast.Assign) and "model_type" in _names(st)]
             if not (mt and isinstance(mt[0], ast.Constant) and mt[0].value == self.model_type):
                 continue
-            if [(_dotted(src, b) or "").rpartition(".")[2] for b in node.bases] not in (["PreTrainedConfig"], ["PretrainedConfig"]):
+            bases = [(_dotted(src, b) or "").rpartition(".")[2] for b in node.bases]
+            if bases not in (["PreTrainedConfig"], ["PretrainedConfig"]):
                 return None
             value = self.config.get("tie_word_embeddings", ...)
             if value is not ...:
                 return value if isinstance(value, bool) else None
             for st in node.body:
-                if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name) and st.target.id == "tie_word_embeddings":
+                if isinstance(st, ast.AnnAssign) and "tie_word_embeddings" in _names(st):
                     default = st.value
                     return default.value if isinstance(default, ast.Constant) and isinstance(default.value, bool) else None
             return False  # not a field: getattr(config, "tie_word_embeddings", False)
@@ -816,7 +829,9 @@ class _Reader:
                 types: set[tuple] = {ref}
                 sure = True
                 for part in path:
-                    raw = set().union(*(self.layout(t).attrs.get(part, {_UNKNOWN}) if t[0] == "class" else {_UNKNOWN} for t in types))
+                    raw = set().union(
+                        *(self.layout(t).attrs.get(part, {_UNKNOWN}) if t[0] == "class" else {_UNKNOWN} for t in types)
+                    )
                     sure &= not raw & {_NONE, _UNKNOWN}
                     types = {t for t in raw if t[0] in ("class", "linear", "torch", "list")}
                 return ".".join(path), sure and bool(types)
@@ -845,7 +860,8 @@ class _Reader:
         else:
             raise _Unsure(f"cannot read the conversion mapping of {name}")
         out = []
-        for call in entry.values[0].elts if isinstance(entry, ast.Dict) and isinstance(entry.values[0], ast.List) else [None]:
+        calls = entry.values[0].elts if isinstance(entry, ast.Dict) and isinstance(entry.values[0], ast.List) else [None]
+        for call in calls:
             if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "WeightRenaming"):
                 raise _Unsure(f"transformers converts the weights of {name} on load")
             args = list(call.args) + [k.value for k in call.keywords]
@@ -975,7 +991,7 @@ def _env(fn: ast.FunctionDef) -> dict[str, list[ast.expr | None]]:
         elif isinstance(target, ast.Starred):
             bind(target.value, None)
 
-    def walk(node: ast.AST) -> None:
+    def visit(node: ast.AST) -> None:
         for n in ast.iter_child_nodes(node):
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
                 continue
@@ -988,9 +1004,9 @@ def _env(fn: ast.FunctionDef) -> dict[str, list[ast.expr | None]]:
                 bind(n.target, None)
             elif isinstance(n, ast.withitem) and n.optional_vars is not None:
                 bind(n.optional_vars, None)
-            walk(n)
+            visit(n)
 
-    walk(fn)
+    visit(fn)
     return env
 
 
@@ -1000,6 +1016,12 @@ def _merge_list(t: tuple, extra: set[tuple]) -> tuple:
         return _UNKNOWN
     every = set(t[2]) | (set().union(*t[1]) if t[1] else set()) | (extra - {_NONE})
     return ("list", None, frozenset(every))
+
+
+def _names(st: ast.Assign | ast.AnnAssign) -> set[str]:
+    """The plain names an assignment binds."""
+    targets = st.targets if isinstance(st, ast.Assign) else [st.target]
+    return {t.id for t in targets if isinstance(t, ast.Name)}
 
 
 def _is_none(expr: ast.expr) -> bool:
