@@ -102,16 +102,18 @@ type PyTensor = (String, String, Vec<u64>, PyBuffer<u8>);
 type PyShard = (PathBuf, Vec<PyTensor>, Option<BTreeMap<String, String>>);
 
 /// Writes shards in parallel. `shards` is a list of `(path, tensors, metadata)`; returns the
-/// size of every file written.
+/// size of every file written, or with `checksums=True` `(size, sha256 hex)` pairs (hashed
+/// while writing).
 #[pyfunction]
-#[pyo3(signature = (shards, *, fsync=false, strategy="write", chunk_size=16777216))]
-fn write_shards(
-    py: Python<'_>,
+#[pyo3(signature = (shards, *, fsync=false, strategy="write", chunk_size=16777216, checksums=false))]
+fn write_shards<'py>(
+    py: Python<'py>,
     shards: Vec<PyShard>,
     fsync: bool,
     strategy: &str,
     chunk_size: usize,
-) -> PyResult<Vec<u64>> {
+    checksums: bool,
+) -> PyResult<Bound<'py, PyAny>> {
     let strategy = match strategy {
         "write" => WriteStrategy::Write,
         "pwrite" => WriteStrategy::Pwrite,
@@ -155,7 +157,21 @@ fn write_shards(
         strategy,
         chunk_size,
     };
-    detached(py, || st::write_shards(&specs, &opts))
+    if checksums {
+        let out = detached(py, || st::write_shards_hashed(&specs, &opts))?;
+        return Ok(out.into_pyobject(py)?.into_any());
+    }
+    let out = detached(py, || st::write_shards(&specs, &opts))?;
+    Ok(out.into_pyobject(py)?.into_any())
+}
+
+/// The sha256 (lowercase hex) of each file, files hashed in parallel without the GIL.
+#[pyfunction]
+fn sha256_files(py: Python<'_>, paths: Vec<PathBuf>) -> PyResult<Vec<String>> {
+    use rayon::prelude::*;
+    detached(py, || {
+        paths.par_iter().map(|p| st::sha256_file(p)).collect()
+    })
 }
 
 /// Writes `data` atomically (temporary sibling + rename).
@@ -744,6 +760,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<StreamWriter>()?;
     m.add_class::<Conversion>()?;
     m.add_function(wrap_pyfunction!(absmax_4bit, m)?)?;
+    m.add_function(wrap_pyfunction!(sha256_files, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_dynamic, m)?)?;

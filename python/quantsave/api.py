@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from quantsave.checksums import check_checksums
 from quantsave.config.base import QuantizationConfig
-from quantsave.load import load_model
+from quantsave.errors import CheckpointError
+from quantsave.load import find_weights, load_model
 from quantsave.load import load_state_dict as _load_state_dict
 from quantsave.families import is_pipeline
 from quantsave.pipeline import save_pipeline
@@ -29,6 +32,7 @@ def save_quantized(
     weights_name: str | None = None,
     metadata: dict[str, str] | None = None,
     progress: bool | None = None,
+    checksums: bool = False,
 ) -> SaveResult:
     """Saves a quantized (or plain) model as a checkpoint ``from_pretrained`` loads as pre-quantized.
 
@@ -48,6 +52,10 @@ def save_quantized(
         weights_name: the weights file name (default by family).
         metadata: extra string metadata for every shard header.
         progress: show a progress bar (default: when writing several shards to a terminal).
+        checksums: also record each weights file's sha256 (hashed while writing) in
+            ``checksums.sha256``, checked by ``load_quantized(..., verify=True)`` and
+            ``quantsave verify --checksums``; for a pipeline, in each component folder quantsave
+            writes.
 
     Returns:
         A ``SaveResult`` listing the files written, bytes, shards and seconds.
@@ -68,6 +76,7 @@ def save_quantized(
             max_shard_size=max_shard_size,
             variant=variant,
             progress=progress,
+            checksums=checksums,
         )
     return save_model(
         model_or_pipeline,
@@ -79,6 +88,7 @@ def save_quantized(
         weights_name=weights_name,
         metadata=metadata,
         progress=progress,
+        checksums=checksums,
     )
 
 
@@ -88,6 +98,7 @@ def load_quantized(
     *,
     device: str | torch.device = "cpu",
     variant: str | None = None,
+    verify: bool = False,
 ) -> nn.Module:
     """Loads a checkpoint into ``model``, swapping in the quantized modules its config calls for.
 
@@ -97,10 +108,20 @@ def load_quantized(
             from ``config.json`` through diffusers or transformers.
         device: where the loaded model goes.
         variant: the weights variant to load.
+        verify: first check every weights file against the sha256 recorded at save time
+            (``checksums=True``).
 
     Raises:
-        CheckpointError: a corrupt file, or tensors that do not match the model.
+        CheckpointError: a corrupt file, tensors that do not match the model, or with
+            ``verify=True`` a checksum mismatch or no recorded checksums.
     """
+    if verify:
+        path = Path(directory)
+        folder = path if path.is_dir() else path.parent
+        files, _, _ = find_weights(folder, variant) if path.is_dir() else ([path], None, None)
+        problems = check_checksums(folder, files)
+        if problems:
+            raise CheckpointError(f"checkpoint in {folder} fails its checksums: " + "; ".join(problems))
     return load_model(directory, model, device=device, variant=variant)
 
 

@@ -141,13 +141,19 @@ def _verify(args: argparse.Namespace) -> int:
     from quantsave.verification import verify_checkpoint
 
     directory = Path(args.directory)
+    checksum_problems: list[str] = []
     if args.checksums:
-        find_checkpoint(directory, args.variant)  # a missing folder is reported first
-        raise ValueError(
-            f"--checksums: no checksums are recorded in this checkpoint ({directory}); "
-            "quantsave does not write per-shard sha256 yet"
-        )
+        from quantsave.checksums import check_checksums, read_checksums
+
+        found = find_checkpoint(directory, args.variant)  # a missing folder is reported first
+        if read_checksums(directory) is None:
+            raise ValueError(
+                f"--checksums: no checksums are recorded in {directory} (save or convert with checksums=True)"
+            )
+        # Missing shards are reported by the checks below.
+        checksum_problems = check_checksums(directory, [f for f in found.shards if f.is_file()])
     problems, count = verify_checkpoint(directory, variant=args.variant, progress=_progress(args, "verifying"))
+    problems = checksum_problems + problems
     for p in problems:
         print(p)
     if problems:
@@ -243,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--variant", help="weights variant, e.g. fp16")
     verify.add_argument(
         "--checksums", action="store_true",
-        help="check per-shard sha256 recorded at save time (not recorded by this version: exits 2)",
+        help="also check each weights file against the sha256 recorded at save time (checksums=True); exits 2 when none were recorded",
     )
     verify.set_defaults(func=_verify)
 

@@ -40,7 +40,7 @@ from quantsave.families import DIFFUSERS, TRANSFORMERS, Family, dump_json, famil
 from quantsave.load import build_skeleton, find_weights, read_config
 from quantsave.quantize import bnb_targets
 from quantsave.quantizers.bnb import BitsAndBytesQuantizer
-from quantsave.save import SaveResult, _parse_shard_size, _remove_stale, fsync_enabled
+from quantsave.save import SaveResult, _parse_shard_size, _remove_stale, fsync_enabled, write_checksums
 
 __all__ = ["convert"]
 
@@ -81,6 +81,7 @@ def convert(
     components: list[str] | dict[str, Any] | None = None,
     max_shard_size: int | str | None = None,
     progress: bool | None = None,
+    checksums: bool = False,
 ) -> SaveResult:
     """Converts the float checkpoint ``src`` into a pre-quantized checkpoint in ``dst``.
 
@@ -98,6 +99,8 @@ def convert(
             folders and files are copied.
         max_shard_size: as for ``save_quantized``.
         progress: a progress bar (tqdm) over the bytes converted; default: when stderr is a TTY.
+        checksums: record each output weights file's sha256 in ``checksums.sha256`` (see
+            ``save_quantized``).
 
     Returns:
         What was written (for a pipeline, the totals over the converted components).
@@ -112,10 +115,10 @@ def convert(
     if path.is_dir() and (path / "model_index.json").is_file():
         if model is not None:
             raise ValueError("model= applies to one model; a pipeline's components come from their folders")
-        return _convert_pipeline(path, Path(dst), quantization_config, components, max_shard_size, progress)
+        return _convert_pipeline(path, Path(dst), quantization_config, components, max_shard_size, progress, checksums)
     if components is not None:
         raise ValueError(f"components= applies to pipeline folders; {str(path)!r} is not one (no model_index.json)")
-    return _convert_model(path, Path(dst), _bnb_config(quantization_config), model, max_shard_size, progress)
+    return _convert_model(path, Path(dst), _bnb_config(quantization_config), model, max_shard_size, progress, checksums)
 
 
 def _bnb_config(quantization_config: Any) -> BitsAndBytesConfig:
@@ -155,6 +158,7 @@ def _convert_model(
     model: nn.Module | None,
     max_shard_size: int | str | None,
     progress: bool | None,
+    checksums: bool = False,
 ) -> SaveResult:
     t0 = time.perf_counter()
     source = _read_source(path)
@@ -186,7 +190,7 @@ def _convert_model(
     out = _plan_output(source, order, set(targets), config)
     if layout is None and family is TRANSFORMERS:
         out.parameters = _parameter_count(model, source, set(targets), config)  # type: ignore[arg-type]
-    return _write(source, out, family, dst, quantizer, json_files, max_shard_size, progress, t0)
+    return _write(source, out, family, dst, quantizer, json_files, max_shard_size, progress, checksums, t0)
 
 
 def _static_layout(source: _Source, config: BitsAndBytesConfig, max_shard_size: int | str | None) -> list[str] | None:
@@ -408,6 +412,7 @@ def _write(
     json_files: dict[str, str],
     max_shard_size: int | str | None,
     progress: bool | None,
+    checksums: bool,
     t0: float,
 ) -> SaveResult:
     # transformers saves a from_pretrained model in natural key order (its weight conversions
@@ -452,6 +457,10 @@ def _write(
     written = _run(conversion, progress, total_in)
 
     result = SaveResult(directory=dst, files=list(file_names), total_bytes=sum(written), num_shards=len(shards))
+    hashes = None
+    if checksums:
+        hashes = dict(zip(file_names, _core.sha256_files([str(dst / f) for f in file_names])))
+    write_checksums(dst, hashes, result)
     index_name = _core.index_file_name(weights_name, None)
     if len(shards) > 1:
         weight_map = {k: file_names[s] for k, s in shard_of.items()}
@@ -512,6 +521,7 @@ def _convert_pipeline(
     components: list[str] | dict[str, Any] | None,
     max_shard_size: int | str | None,
     progress: bool | None,
+    checksums: bool,
 ) -> SaveResult:
     """Converts the named components of a pipeline folder and copies everything else."""
     t0 = time.perf_counter()
@@ -540,7 +550,7 @@ def _convert_pipeline(
     for entry in sorted(src.iterdir()):
         target = dst / entry.name
         if entry.name in configs:
-            r = _convert_model(entry, target, configs[entry.name], None, max_shard_size, progress)
+            r = _convert_model(entry, target, configs[entry.name], None, max_shard_size, progress, checksums)
             result.files.extend(f"{entry.name}/{f}" for f in r.files)
             result.total_bytes += r.total_bytes
             result.num_shards += r.num_shards

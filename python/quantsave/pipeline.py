@@ -100,6 +100,7 @@ def save_pipeline(
     max_shard_size: int | str | None = None,
     variant: str | None = None,
     progress: bool | None = None,
+    checksums: bool = False,
 ) -> SaveResult:
     """Saves a ``DiffusionPipeline`` (see ``quantsave.save_quantized``).
 
@@ -156,6 +157,7 @@ def save_pipeline(
                 max_shard_size=max_shard_size,
                 variant=variant,
                 progress=progress,
+                checksums=checksums,
             )
             result.files.extend(f"{name}/{f}" for f in sub.files)
             result.total_bytes += sub.total_bytes

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from quantsave import _core
+from quantsave.checksums import CHECKSUMS_NAME, render_checksums
 from quantsave.config.base import resolve_config
 from quantsave.errors import NotSerializableError
 from quantsave.families import (
@@ -30,7 +31,7 @@ from quantsave.quantizers.base import Quantizer
 from quantsave.quantizers.registry import detect_quantizer, get_quantizer
 from quantsave.tensors import byte_view, dtype_name, is_wrapper_subclass, subclass_nbytes
 
-__all__ = ["SaveResult", "save_model", "check_file_name", "fsync_enabled", "resolve_quantizer"]
+__all__ = ["SaveResult", "save_model", "check_file_name", "fsync_enabled", "resolve_quantizer", "write_checksums"]
 
 _SHARD_RE = re.compile(r"(.*?)-\d{5}-of-\d{5}")
 #: Host bytes gathered per write call for tensors that live on an accelerator.
@@ -241,6 +242,7 @@ def save_model(
     weights_name: str | None = None,
     metadata: dict[str, str] | None = None,
     progress: bool | None = None,
+    checksums: bool = False,
 ) -> SaveResult:
     """Saves one model (see ``quantsave.save_quantized``)."""
     t0 = time.perf_counter()
@@ -296,9 +298,12 @@ def save_model(
 
     result = SaveResult(directory=directory, num_shards=len(shards))
     bar = _progress_bar(progress, len(shards), "Writing shards")
+    hashes: dict[str, str] = {}
     try:
         if safe_serialization:
-            _write_safetensors(state_dict, keys, dtypes, shards, file_names, directory, header_meta, result, bar)
+            _write_safetensors(
+                state_dict, keys, dtypes, shards, file_names, directory, header_meta, result, bar, hashes if checksums else None
+            )
         else:
             for idx, fname in zip(shards, file_names):
                 shard = {keys[i]: state_dict[keys[i]] for i in idx}
@@ -310,6 +315,9 @@ def save_model(
         if bar is not None:
             bar.close()
     result.files.extend(file_names)
+    if checksums and not safe_serialization:
+        hashes.update(zip(file_names, _core.sha256_files([str(directory / f) for f in file_names])))
+    write_checksums(directory, hashes if checksums else None, result)
 
     index_name = _core.index_file_name(weights_name, variant)
     if len(shards) > 1:
@@ -340,15 +348,21 @@ def _write_safetensors(
     header_meta: dict[str, str],
     result: SaveResult,
     bar: Any,
+    hashes: dict[str, str] | None = None,
 ) -> None:
-    """Writes the shards, batching calls so accelerator tensors reach the host a batch at a time."""
+    """Writes the shards, batching calls so accelerator tensors reach the host a batch at a time;
+    records each file's sha256 in ``hashes`` when given (hashed while writing)."""
     on_host = all(state_dict[k].device.type == "cpu" for k in keys)
     batch: list[tuple[Path, list[tuple[str, str, list[int], Any]], dict[str, str]]] = []
     batch_bytes = 0
 
     def flush() -> None:
         nonlocal batch, batch_bytes
-        if batch:
+        if batch and hashes is not None:
+            written = _core.write_shards(batch, fsync=fsync_enabled(), checksums=True)
+            result.total_bytes += sum(size for size, _ in written)
+            hashes.update((path.name, digest) for (path, _, _), (_, digest) in zip(batch, written))
+        elif batch:
             result.total_bytes += sum(_core.write_shards(batch, fsync=fsync_enabled()))
             if bar is not None:
                 bar.update(len(batch))
@@ -366,6 +380,18 @@ def _write_safetensors(
         if (on_host and bar is not None) or (not on_host and batch_bytes >= _DEVICE_BATCH_BYTES):
             flush()
     flush()
+
+
+def write_checksums(directory: Path, hashes: dict[str, str] | None, result: SaveResult) -> None:
+    """Writes ``checksums.sha256`` for ``hashes``, or, when None, removes one left by an earlier
+    save (it would no longer match)."""
+    path = directory / CHECKSUMS_NAME
+    if hashes is None:
+        if path.is_file():
+            path.unlink()
+        return
+    _core.write_bytes_atomic(path, render_checksums(hashes).encode(), fsync=fsync_enabled())
+    result.files.append(CHECKSUMS_NAME)
 
 
 def _remove_stale(

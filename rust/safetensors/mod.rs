@@ -8,5 +8,6 @@ pub mod write;
 pub use header::{layout_specs, Layout, TensorSpec, TensorView, MAX_HEADER_SIZE};
 pub use read::{map_file, parse_header, read_header, Header, MappedFile, TensorInfo};
 pub use write::{
-    write_bytes_atomic, write_shards, ShardSpec, StreamWriter, WriteOptions, WriteStrategy,
+    sha256_file, write_bytes_atomic, write_shards, write_shards_hashed, ShardSpec, StreamWriter,
+    WriteOptions, WriteStrategy,
 };

@@ -89,6 +89,30 @@ impl Drop for TempFiles {
 /// if asked) are they renamed into place, one by one. An error while writing touches no target
 /// file; whatever fails, no temporary is left behind.
 pub fn write_shards(shards: &[ShardSpec<'_>], opts: &WriteOptions) -> Result<Vec<u64>> {
+    Ok(write_shards_impl(shards, opts, false)?
+        .into_iter()
+        .map(|(size, _)| size)
+        .collect())
+}
+
+/// [`write_shards`], also returning the sha256 (lowercase hex) of every file written. With the
+/// default strategy each chunk is hashed while it is being written (`rayon::join`), so the
+/// hash costs little time over the write; files are hashed before they are committed.
+pub fn write_shards_hashed(
+    shards: &[ShardSpec<'_>],
+    opts: &WriteOptions,
+) -> Result<Vec<(u64, String)>> {
+    Ok(write_shards_impl(shards, opts, true)?
+        .into_iter()
+        .map(|(size, hash)| (size, hash.unwrap_or_default()))
+        .collect())
+}
+
+fn write_shards_impl(
+    shards: &[ShardSpec<'_>],
+    opts: &WriteOptions,
+    hash: bool,
+) -> Result<Vec<(u64, Option<String>)>> {
     let layouts: Vec<Layout> = shards
         .iter()
         .map(|s| {
@@ -113,11 +137,17 @@ pub fn write_shards(shards: &[ShardSpec<'_>], opts: &WriteOptions) -> Result<Vec
         }
         files.push(file);
     }
-    match opts.strategy {
-        WriteStrategy::Write => write_sequential(shards, &layouts, &files)?,
-        WriteStrategy::Pwrite => write_pwrite(shards, &layouts, &files, opts.chunk_size)?,
-        WriteStrategy::Mmap => write_mmap(shards, &layouts, &files, opts)?,
-    }
+    let hashes: Vec<Option<String>> = match opts.strategy {
+        WriteStrategy::Write => write_sequential(shards, &layouts, &files, hash)?,
+        WriteStrategy::Pwrite => {
+            write_pwrite(shards, &layouts, &files, opts.chunk_size)?;
+            hash_after(shards, &layouts, hash)
+        }
+        WriteStrategy::Mmap => {
+            write_mmap(shards, &layouts, &files, opts)?;
+            hash_after(shards, &layouts, hash)
+        }
+    };
     if opts.fsync {
         files
             .par_iter()
@@ -140,7 +170,60 @@ pub fn write_shards(shards: &[ShardSpec<'_>], opts: &WriteOptions) -> Result<Vec
             sync_dir(d)?;
         }
     }
-    Ok(layouts.iter().map(|l| l.file_size).collect())
+    Ok(layouts.iter().map(|l| l.file_size).zip(hashes).collect())
+}
+
+/// Lowercase hex of a digest.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Hashes each file's bytes from memory (header, then tensors in file order).
+fn hash_after(shards: &[ShardSpec<'_>], layouts: &[Layout], hash: bool) -> Vec<Option<String>> {
+    use sha2::Digest;
+    if !hash {
+        return vec![None; shards.len()];
+    }
+    shards
+        .par_iter()
+        .zip(layouts.par_iter())
+        .map(|(shard, lay)| {
+            let mut h = sha2::Sha256::new();
+            h.update(&lay.header);
+            for &i in &lay.order {
+                h.update(shard.tensors[i].data);
+            }
+            Some(hex(&h.finalize()))
+        })
+        .collect()
+}
+
+/// The sha256 (lowercase hex) of a file's contents, read in 8 MiB pieces, each hashed while
+/// the next is read.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = File::open(path).map_err(|e| Error::io(path, "open", e))?;
+    let mut h = sha2::Sha256::new();
+    let mut cur = vec![0u8; 8 << 20];
+    let mut next = vec![0u8; 8 << 20];
+    let fill = |f: &mut File, buf: &mut [u8]| -> std::io::Result<usize> {
+        let mut n = 0;
+        while n < buf.len() {
+            match f.read(&mut buf[n..])? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        Ok(n)
+    };
+    let mut len = fill(&mut f, &mut cur).map_err(|e| Error::io(path, "read", e))?;
+    while len > 0 {
+        let (read, ()) = rayon::join(|| fill(&mut f, &mut next), || h.update(&cur[..len]));
+        len = read.map_err(|e| Error::io(path, "read", e))?;
+        std::mem::swap(&mut cur, &mut next);
+    }
+    Ok(hex(&h.finalize()))
 }
 
 /// One contiguous piece of a file: where it goes and the bytes.
@@ -173,24 +256,51 @@ fn pieces<'a>(shards: &'a [ShardSpec<'a>], layouts: &'a [Layout], chunk: usize) 
     out
 }
 
-fn write_sequential(shards: &[ShardSpec<'_>], layouts: &[Layout], files: &[File]) -> Result<()> {
-    let write_one = |file: &File, shard: &ShardSpec<'_>, lay: &Layout| {
+fn write_sequential(
+    shards: &[ShardSpec<'_>],
+    layouts: &[Layout],
+    files: &[File],
+    hash: bool,
+) -> Result<Vec<Option<String>>> {
+    use sha2::Digest;
+    let write_one = |file: &File, shard: &ShardSpec<'_>, lay: &Layout| -> Result<Option<String>> {
         let io = |e| Error::io(&shard.path, "write", e);
         let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-        w.write_all(&lay.header).map_err(io)?;
-        for &i in &lay.order {
-            w.write_all(shard.tensors[i].data).map_err(io)?;
+        if !hash {
+            w.write_all(&lay.header).map_err(io)?;
+            for &i in &lay.order {
+                w.write_all(shard.tensors[i].data).map_err(io)?;
+            }
+            w.flush().map_err(io)?;
+            return Ok(None);
         }
-        w.flush().map_err(io)
+        let mut h = sha2::Sha256::new();
+        let pieces = std::iter::once(lay.header.as_slice())
+            .chain(lay.order.iter().map(|&i| shard.tensors[i].data));
+        for piece in pieces {
+            for c in piece.chunks(4 << 20) {
+                if c.len() < (64 << 10) {
+                    // Small pieces: not worth a task.
+                    h.update(c);
+                    w.write_all(c).map_err(io)?;
+                } else {
+                    let (r, ()) = rayon::join(|| w.write_all(c), || h.update(c));
+                    r.map_err(io)?;
+                }
+            }
+        }
+        w.flush().map_err(io)?;
+        Ok(Some(hex(&h.finalize())))
     };
     if files.len() == 1 {
         // One file gains nothing from the pool: write it on the calling thread.
-        return write_one(&files[0], &shards[0], &layouts[0]);
+        return Ok(vec![write_one(&files[0], &shards[0], &layouts[0])?]);
     }
     files
         .par_iter()
         .zip(shards.par_iter().zip(layouts.par_iter()))
-        .try_for_each(|(file, (shard, lay))| write_one(file, shard, lay))
+        .map(|(file, (shard, lay))| write_one(file, shard, lay))
+        .collect()
 }
 
 fn write_pwrite(

@@ -1486,3 +1486,69 @@ fn stream_writer_rejects_bad_writes_and_never_commits_a_partial_file() {
     assert!(StreamWriter::create(&path, &odd, None).is_err());
     assert_no_temporaries(dir.path());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Checksums
+// ---------------------------------------------------------------------------------------------
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn sha256_file_matches_known_vectors() {
+    let dir = TempDir::new().unwrap();
+    let p = dir.path().join("abc");
+    fs::write(&p, b"abc").unwrap();
+    assert_eq!(
+        quantsave::safetensors::sha256_file(&p).unwrap(),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    fs::write(&p, b"").unwrap();
+    assert_eq!(
+        quantsave::safetensors::sha256_file(&p).unwrap(),
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    );
+    // Larger than the 8 MiB read buffer, not a multiple of it.
+    let big: Vec<u8> = (0..(9u32 << 20) + 7).map(|i| (i % 251) as u8).collect();
+    fs::write(&p, &big).unwrap();
+    assert_eq!(
+        quantsave::safetensors::sha256_file(&p).unwrap(),
+        sha256_hex(&big)
+    );
+    assert!(quantsave::safetensors::sha256_file(&dir.path().join("missing")).is_err());
+}
+
+#[test]
+fn hashed_writes_report_each_files_sha256() {
+    let small = vec![7u8; 100];
+    let large: Vec<u8> = (0..(5u32 << 20)).map(|i| (i % 13) as u8).collect();
+    for o in all_options() {
+        let dir = TempDir::new().unwrap();
+        let shards = vec![
+            shard(
+                dir.path().join("a.safetensors"),
+                vec![
+                    tv("x", Dtype::U8, &[100], &small),
+                    tv("big", Dtype::U8, &[large.len() as u64], &large),
+                ],
+                Some(meta(&[("format", "pt")])),
+            ),
+            shard(
+                dir.path().join("b.safetensors"),
+                vec![tv("y", Dtype::F32, &[25], &small)],
+                None,
+            ),
+        ];
+        let out = quantsave::safetensors::write_shards_hashed(&shards, &o).unwrap();
+        for ((size, hash), s) in out.iter().zip(&shards) {
+            let bytes = fs::read(&s.path).unwrap();
+            assert_eq!(*size, bytes.len() as u64);
+            assert_eq!(*hash, sha256_hex(&bytes), "{o:?}");
+        }
+    }
+}
