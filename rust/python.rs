@@ -181,6 +181,45 @@ fn write_bytes_atomic(py: Python<'_>, path: PathBuf, data: Vec<u8>, fsync: bool)
     detached(py, || st::write_bytes_atomic(&path, &data, fsync))
 }
 
+/// Swaps two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`): afterwards each name
+/// points to what the other did. Returns False where the platform or filesystem cannot
+/// exchange (the caller falls back to two renames); raises OSError for other failures.
+#[pyfunction]
+fn exchange_paths(a: PathBuf, b: PathBuf) -> PyResult<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let ca = CString::new(a.as_os_str().as_bytes())
+            .map_err(|_| PyValueError::new_err("path contains a NUL byte"))?;
+        let cb = CString::new(b.as_os_str().as_bytes())
+            .map_err(|_| PyValueError::new_err("path contains a NUL byte"))?;
+        // SAFETY: both pointers are valid NUL-terminated strings for the duration of the call.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                ca.as_ptr(),
+                libc::AT_FDCWD,
+                cb.as_ptr(),
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => Ok(false),
+            _ => Err(to_py(Error::io(&b, "exchange", err))),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (a, b);
+        Ok(false)
+    }
+}
+
 /// Plans shards: `sizes[i]` and `groups[i]` (None or a group id) per tensor in state-dict order.
 /// Returns `(shards as lists of indices, total_size)`.
 #[pyfunction]
@@ -761,6 +800,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Conversion>()?;
     m.add_function(wrap_pyfunction!(absmax_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(sha256_files, m)?)?;
+    m.add_function(wrap_pyfunction!(exchange_paths, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_dynamic, m)?)?;

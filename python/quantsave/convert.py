@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from quantsave import _core
+from quantsave.commit import staged_directory
 from quantsave.config.base import resolve_config
 from quantsave.config.bnb import BitsAndBytesConfig
 from quantsave.errors import CheckpointError
@@ -430,9 +431,7 @@ def _write(
     file_names = _core.shard_file_names(weights_name, None, len(shards))
     shard_of = {keys[i]: s for s, idx in enumerate(shards) for i in idx}
     meta = {"format": "pt"}
-    shard_specs = [
-        (dst / fname, [(keys[i], *out.specs[keys[i]]) for i in idx], meta) for idx, fname in zip(shards, file_names)
-    ]
+    shard_specs = [([(keys[i], *out.specs[keys[i]]) for i in idx], meta) for idx in shards]
     ops = []
     for op in out.ops:
         kind = op[0]
@@ -449,31 +448,35 @@ def _write(
             _, file, name, rows, cols, weight, scb = op
             ops.append(("int8", file, name, rows, cols, shard_of[weight], weight, scb))
 
-    dst.mkdir(parents=True, exist_ok=True)
-    conversion = _core.Conversion(
-        [str(f) for f in source.files], shard_specs, ops, chunk_elems=_CHUNK_ELEMS, fsync=fsync_enabled()
-    )
-    total_in = sum(_nbytes(d, s) for _, d, s in source.tensors.values())
-    written = _run(conversion, progress, total_in)
-
-    result = SaveResult(directory=dst, files=list(file_names), total_bytes=sum(written), num_shards=len(shards))
-    hashes = None
-    if checksums:
-        hashes = dict(zip(file_names, _core.sha256_files([str(dst / f) for f in file_names])))
-    write_checksums(dst, hashes, result)
-    index_name = _core.index_file_name(weights_name, None)
-    if len(shards) > 1:
-        weight_map = {k: file_names[s] for k, s in shard_of.items()}
-        index_meta: dict[str, Any] = {"total_size": total_size}
-        if family is TRANSFORMERS:
-            index_meta["total_parameters"] = out.parameters
-        text = _core.render_index_json(dump_json(index_meta), weight_map)
-        _core.write_bytes_atomic(dst / index_name, text.encode(), fsync=fsync_enabled())
-        result.files.append(index_name)
-    for name, text in json_files.items():
-        _core.write_bytes_atomic(dst / name, text.encode(), fsync=fsync_enabled())
-        result.files.append(name)
-    _remove_stale(dst, weights_name, None, set(file_names), len(shards) > 1, index_name)
+    result = SaveResult(directory=dst, files=list(file_names), num_shards=len(shards))
+    # Everything is written into a staging folder that replaces `dst` in one atomic step.
+    with staged_directory(dst, fsync=fsync_enabled()) as stage:
+        conversion = _core.Conversion(
+            [str(f) for f in source.files],
+            [(stage / fname, *spec) for fname, spec in zip(file_names, shard_specs)],
+            ops,
+            chunk_elems=_CHUNK_ELEMS,
+            fsync=fsync_enabled(),
+        )
+        total_in = sum(_nbytes(d, s) for _, d, s in source.tensors.values())
+        result.total_bytes = sum(_run(conversion, progress, total_in))
+        hashes = None
+        if checksums:
+            hashes = dict(zip(file_names, _core.sha256_files([str(stage / f) for f in file_names])))
+        write_checksums(stage, hashes, result)
+        index_name = _core.index_file_name(weights_name, None)
+        if len(shards) > 1:
+            weight_map = {k: file_names[s] for k, s in shard_of.items()}
+            index_meta: dict[str, Any] = {"total_size": total_size}
+            if family is TRANSFORMERS:
+                index_meta["total_parameters"] = out.parameters
+            text = _core.render_index_json(dump_json(index_meta), weight_map)
+            _core.write_bytes_atomic(stage / index_name, text.encode(), fsync=fsync_enabled())
+            result.files.append(index_name)
+        for name, text in json_files.items():
+            _core.write_bytes_atomic(stage / name, text.encode(), fsync=fsync_enabled())
+            result.files.append(name)
+        _remove_stale(stage, weights_name, None, set(file_names), len(shards) > 1, index_name)
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from quantsave import _core
 from quantsave.checksums import CHECKSUMS_NAME, render_checksums
+from quantsave.commit import staged_directory
 from quantsave.config.base import resolve_config
 from quantsave.errors import NotSerializableError
 from quantsave.families import (
@@ -294,9 +295,48 @@ def save_model(
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"save_directory {str(directory)!r} exists and is not a directory")
-    directory.mkdir(parents=True, exist_ok=True)
-
     result = SaveResult(directory=directory, num_shards=len(shards))
+    # Everything is written into a staging folder that replaces `directory` in one atomic step.
+    with staged_directory(directory, fsync=fsync_enabled()) as stage:
+        _write_files(
+            stage, state_dict, keys, dtypes, shards, file_names, header_meta, json_files, result, progress,
+            safe_serialization=safe_serialization, checksums=checksums, weights_name=weights_name, variant=variant,
+            total_size=total_size, index_meta_extra=_index_meta(model, family, quantizer, safe_serialization),
+        )
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _index_meta(model: nn.Module, family: Family, quantizer: Quantizer | None, safe_serialization: bool) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    if family is TRANSFORMERS:
+        meta["total_parameters"] = total_parameters(model)
+    if quantizer is not None and safe_serialization:
+        meta.update(quantizer.index_metadata(family))
+    return meta
+
+
+def _write_files(
+    directory: Path,
+    state_dict: dict[str, torch.Tensor],
+    keys: list[str],
+    dtypes: list[str],
+    shards: list[list[int]],
+    file_names: list[str],
+    header_meta: dict[str, str],
+    json_files: dict[str, str],
+    result: SaveResult,
+    progress: bool | None,
+    *,
+    safe_serialization: bool,
+    checksums: bool,
+    weights_name: str,
+    variant: str | None,
+    total_size: int,
+    index_meta_extra: dict[str, Any],
+) -> None:
+    """Writes the shards, checksums, index and config files into ``directory`` (a staging
+    folder holding links to the previous checkpoint's files) and drops stale ones."""
     bar = _progress_bar(progress, len(shards), "Writing shards")
     hashes: dict[str, str] = {}
     try:
@@ -307,6 +347,8 @@ def save_model(
         else:
             for idx, fname in zip(shards, file_names):
                 shard = {keys[i]: state_dict[keys[i]] for i in idx}
+                # torch.save writes in place: never through a link to the previous checkpoint's file.
+                (directory / fname).unlink(missing_ok=True)
                 torch.save({k: t if is_wrapper_subclass(t) else t.contiguous() for k, t in shard.items()}, directory / fname)
                 result.total_bytes += (directory / fname).stat().st_size
                 if bar is not None:
@@ -322,11 +364,7 @@ def save_model(
     index_name = _core.index_file_name(weights_name, variant)
     if len(shards) > 1:
         weight_map = {keys[i]: fname for idx, fname in zip(shards, file_names) for i in idx}
-        index_meta: dict[str, Any] = {"total_size": total_size}
-        if family is TRANSFORMERS:
-            index_meta["total_parameters"] = total_parameters(model)
-        if quantizer is not None and safe_serialization:
-            index_meta.update(quantizer.index_metadata(family))
+        index_meta: dict[str, Any] = {"total_size": total_size, **index_meta_extra}
         text = _core.render_index_json(dump_json(index_meta), weight_map)
         _core.write_bytes_atomic(directory / index_name, text.encode(), fsync=fsync_enabled())
         result.files.append(index_name)
@@ -334,8 +372,6 @@ def save_model(
         _core.write_bytes_atomic(directory / name, text.encode(), fsync=fsync_enabled())
         result.files.append(name)
     _remove_stale(directory, weights_name, variant, set(file_names), len(shards) > 1, index_name)
-    result.seconds = time.perf_counter() - t0
-    return result
 
 
 def _write_safetensors(

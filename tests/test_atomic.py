@@ -1,0 +1,163 @@
+"""Checkpoint-level atomic saves: a multi-shard save over an existing checkpoint, killed with
+SIGKILL at random moments, always leaves a folder that loads and equals the old or the new model
+exactly; two processes saving into one folder leave one complete checkpoint; a failed save keeps
+the old one; files the save does not write carry over; leftover staging folders are ignored by
+loads and removed by the next save."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import quantsave as qs
+from quantsave import _core
+from quantsave.commit import stale_stages
+
+SHARD = "400KB"
+
+
+def model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(*[nn.Linear(256, 256) for _ in range(24)])  # ~6.3 MB: 16 shards of 400 KB
+
+
+def state(folder: Path) -> dict[str, torch.Tensor]:
+    tensors, _config = qs.load_state_dict(folder)
+    return {k: v.clone() for k, v in tensors.items()}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _save_child(seed: int, folder: str) -> None:
+    qs.save_quantized(model(seed), folder, max_shard_size=SHARD)
+    os._exit(0)
+
+
+def stage_leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}.quantsave-"))
+
+
+def test_sigkill_at_random_moments_leaves_old_or_new(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    folder = tmp_path / "ckpt"
+    models = {seed: {k: v.detach().clone() for k, v in model(seed).state_dict().items()} for seed in (1, 2)}
+    qs.save_quantized(model(1), folder, max_shard_size=SHARD)
+    assert len(list(folder.glob("*.safetensors"))) > 10
+    ctx = multiprocessing.get_context("fork")
+    # How long one save takes in a forked child, to spread the kills over it.
+    t0 = time.perf_counter()
+    p = ctx.Process(target=_save_child, args=(2, str(folder)))
+    p.start()
+    p.join()
+    span = time.perf_counter() - t0
+    assert p.exitcode == 0 and same(state(folder), models[2])
+    rng = random.Random(0)
+    outcomes = {"old": 0, "new": 0}
+    current = 2
+    for _trial in range(60):
+        new = 3 - current
+        p = ctx.Process(target=_save_child, args=(new, str(folder)))
+        p.start()
+        time.sleep(rng.uniform(0, span * 1.2))
+        os.kill(p.pid, signal.SIGKILL)
+        p.join()
+        got = state(folder)
+        if same(got, models[new]):
+            outcomes["new"] += 1
+            current = new
+        else:
+            assert same(got, models[current]), "the folder holds neither the old nor the new checkpoint"
+            outcomes["old"] += 1
+        # Nothing from a killed save shows inside the folder.
+        assert not [n for n in os.listdir(folder) if n.endswith(".tmp")]
+    # Both outcomes occurred: kills landed before and after the commit.
+    assert outcomes["old"] >= 5 and outcomes["new"] >= 5, outcomes
+    # The next save removes the staging folders killed saves left beside the target.
+    qs.save_quantized(model(1), folder, max_shard_size=SHARD)
+    assert stage_leftovers(folder) == [] and same(state(folder), models[1])
+
+
+def test_concurrent_saves_leave_one_complete_checkpoint(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    folder = tmp_path / "ckpt"
+    models = {seed: {k: v.detach().clone() for k, v in model(seed).state_dict().items()} for seed in (1, 2, 3)}
+    qs.save_quantized(model(3), folder, max_shard_size=SHARD)
+    ctx = multiprocessing.get_context("fork")
+    for _ in range(5):
+        procs = [ctx.Process(target=_save_child, args=(seed, str(folder))) for seed in (1, 2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+            assert p.exitcode == 0
+        got = state(folder)
+        assert same(got, models[1]) or same(got, models[2])
+        assert stage_leftovers(folder) == []
+
+
+def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    folder = tmp_path / "ckpt"
+    qs.save_quantized(model(1), folder, max_shard_size=SHARD)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    calls = {"n": 0}
+    real = _core.write_shards
+
+    def failing(batch, **kw):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        return real(batch, **kw)
+
+    monkeypatch.setattr(_core, "write_shards", failing)
+    with pytest.raises(OSError, match="No space"):
+        qs.save_quantized(model(2), folder, max_shard_size=SHARD, progress=True)  # shard by shard
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert stage_leftovers(folder) == []
+
+
+def test_unwritten_files_carry_over_and_stale_ones_go(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    folder = tmp_path / "ckpt"
+    qs.save_quantized(model(1), folder, max_shard_size=SHARD)
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "extra").mkdir()
+    (folder / "extra" / "notes.txt").write_text("keep me")
+    inode = (folder / "tokenizer.json").stat().st_ino
+    qs.save_quantized(model(2), folder)  # one file now: the shards and the index are stale
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["extra", "model.safetensors", "tokenizer.json"]
+    assert (folder / "extra" / "notes.txt").read_text() == "keep me"
+    assert (folder / "tokenizer.json").stat().st_ino == inode  # linked over, not copied
+    assert same(state(folder), {k: v.detach() for k, v in model(2).state_dict().items()})
+
+
+def test_symlinked_target_and_no_exchange(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    real = tmp_path / "real"
+    qs.save_quantized(model(1), real, max_shard_size=SHARD)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    qs.save_quantized(model(2), link, max_shard_size=SHARD)
+    assert link.is_symlink() and same(state(real), {k: v.detach() for k, v in model(2).state_dict().items()})
+    # A filesystem without atomic exchange: two renames, same result.
+    monkeypatch.setattr(_core, "exchange_paths", lambda a, b: False)
+    qs.save_quantized(model(3), real, max_shard_size=SHARD)
+    assert same(state(real), {k: v.detach() for k, v in model(3).state_dict().items()})
+    assert stage_leftovers(real) == [] and stale_stages(real) == []
+
+
+def test_convert_commits_atomically(llama_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("transformers")
+    out = tmp_path / "out"
+    qs.convert(llama_dir, out, qs.BitsAndBytesConfig(load_in_4bit=True), max_shard_size="60KB")
+    (out / "README.md").write_text("model card")
+    qs.convert(llama_dir, out, qs.BitsAndBytesConfig(load_in_8bit=True))
+    assert (out / "README.md").read_text() == "model card"
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+    assert stage_leftovers(out) == []
