@@ -16,6 +16,9 @@ never a mix, whenever the saving process stops.
    the same target deletes.
 
 Concurrent saves into one target each commit a complete checkpoint; the last exchange wins.
+Where the parent folder is not writable but an existing target is, there is no room for a
+staging sibling: the files are then written in place (each replaced atomically by rename, the
+checkpoint as a whole not).
 """
 
 from __future__ import annotations
@@ -102,18 +105,46 @@ def staged_directory(target: str | os.PathLike[str], *, fsync: bool = False) -> 
     for old in stale_stages(target):
         shutil.rmtree(old, ignore_errors=True)
     stage = target.parent / _stage_name(target)
-    stage.mkdir()
+    try:
+        stage.mkdir()
+    except PermissionError as e:
+        if target.is_dir() and os.access(target, os.W_OK | os.X_OK):
+            # The folder is writable but its parent is not: no room for a staging sibling, so
+            # write in place (each file still replaced atomically, the checkpoint as a whole not).
+            yield target
+            return
+        raise PermissionError(e.errno, f"cannot write the checkpoint folder {target}: {e.strerror}", str(target)) from e
     committed = False
     try:
         if target.is_dir():
             shutil.copystat(target, stage)
             _link_tree(target, stage)
-        yield stage
-        _commit(stage, target, fsync)
+        try:
+            yield stage
+            _commit(stage, target, fsync)
+        except OSError as e:
+            # Name the target, not the staging folder, in what the caller sees.
+            renamed = _renamed(e, stage, target)
+            if renamed is e:
+                raise
+            raise renamed from e
         committed = True
     finally:
         if not committed:
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def _renamed(e: OSError, stage: Path, target: Path) -> OSError:
+    """``e`` with the staging folder's path replaced by the target's (same type and errno)."""
+    old, new = str(stage), str(target)
+    if old not in str(e):
+        return e
+    message = (e.strerror or str(e)).replace(old, new)
+    filename = e.filename.replace(old, new) if isinstance(e.filename, str) else e.filename
+    try:
+        return type(e)(message) if e.errno is None else type(e)(e.errno, message, filename)
+    except Exception:  # an OSError subclass with another constructor: keep it as it is
+        return e
 
 
 def _fsync_dir(path: Path) -> None:
