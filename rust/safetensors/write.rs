@@ -138,7 +138,7 @@ fn write_shards_impl(
         files.push(file);
     }
     let hashes: Vec<Option<String>> = match opts.strategy {
-        WriteStrategy::Write => write_sequential(shards, &layouts, &files, hash)?,
+        WriteStrategy::Write => write_sequential(shards, &layouts, &files, hash, opts.fsync)?,
         WriteStrategy::Pwrite => {
             write_pwrite(shards, &layouts, &files, opts.chunk_size)?;
             hash_after(shards, &layouts, hash)
@@ -148,7 +148,8 @@ fn write_shards_impl(
             hash_after(shards, &layouts, hash)
         }
     };
-    if opts.fsync {
+    if opts.fsync && opts.strategy != WriteStrategy::Write {
+        // (The sequential writer fsyncs each file itself, overlapped with its hash.)
         files
             .par_iter()
             .zip(shards)
@@ -261,36 +262,58 @@ fn write_sequential(
     layouts: &[Layout],
     files: &[File],
     hash: bool,
+    fsync: bool,
 ) -> Result<Vec<Option<String>>> {
-    use sha2::Digest;
     let write_one = |file: &File, shard: &ShardSpec<'_>, lay: &Layout| -> Result<Option<String>> {
         let io = |e| Error::io(&shard.path, "write", e);
+        let pieces = || {
+            std::iter::once(lay.header.as_slice())
+                .chain(lay.order.iter().map(|&i| shard.tensors[i].data))
+        };
+        let finish = |w: std::io::BufWriter<&File>| -> Result<()> {
+            let f = w.into_inner().map_err(|e| io(e.into_error()))?;
+            if fsync {
+                f.sync_all()
+                    .map_err(|e| Error::io(&shard.path, "fsync", e))?;
+            }
+            Ok(())
+        };
         let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
         if !hash {
-            w.write_all(&lay.header).map_err(io)?;
-            for &i in &lay.order {
-                w.write_all(shard.tensors[i].data).map_err(io)?;
+            for piece in pieces() {
+                w.write_all(piece).map_err(io)?;
             }
-            w.flush().map_err(io)?;
+            finish(w)?;
             return Ok(None);
         }
-        let mut h = sha2::Sha256::new();
-        let pieces = std::iter::once(lay.header.as_slice())
-            .chain(lay.order.iter().map(|&i| shard.tensors[i].data));
-        for piece in pieces {
-            for c in piece.chunks(4 << 20) {
-                if c.len() < (64 << 10) {
-                    // Small pieces: not worth a task.
+        // A hashing thread follows the writer chunk by chunk, so the hash overlaps the writes
+        // (and the fsync) instead of adding to them.
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<&[u8]>(16);
+            let hasher = scope.spawn(move || {
+                use sha2::Digest;
+                let mut h = sha2::Sha256::new();
+                for c in rx {
                     h.update(c);
-                    w.write_all(c).map_err(io)?;
-                } else {
-                    let (r, ()) = rayon::join(|| w.write_all(c), || h.update(c));
-                    r.map_err(io)?;
                 }
-            }
-        }
-        w.flush().map_err(io)?;
-        Ok(Some(hex(&h.finalize())))
+                hex(&h.finalize())
+            });
+            let written = (|| -> Result<()> {
+                for piece in pieces() {
+                    for c in piece.chunks(4 << 20) {
+                        w.write_all(c).map_err(io)?;
+                        // The hasher ends early only if it panicked; join reports that below.
+                        let _ = tx.send(c);
+                    }
+                }
+                drop(tx);
+                finish(w)
+            })();
+            let digest = hasher
+                .join()
+                .map_err(|_| Error::invalid("the hashing thread panicked"))?;
+            written.map(|()| Some(digest))
+        })
     };
     if files.len() == 1 {
         // One file gains nothing from the pool: write it on the calling thread.
