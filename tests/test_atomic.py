@@ -161,3 +161,15 @@ def test_convert_commits_atomically(llama_dir, tmp_path) -> None:  # type: ignor
     assert (out / "README.md").read_text() == "model card"
     assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
     assert stage_leftovers(out) == []
+
+
+def test_leftover_file_temporaries_are_ignored_and_dropped(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A temporary left by an interrupted write inside the folder: loads ignore it, the next
+    save does not carry it over."""
+    folder = tmp_path / "ckpt"
+    qs.save_quantized(model(1), folder, max_shard_size=SHARD)
+    junk = folder / ".model-00001-of-00016.safetensors.999999-3.quantsave.tmp"
+    junk.write_bytes(b"half a shard")
+    assert same(state(folder), {k: v.detach() for k, v in model(1).state_dict().items()})
+    qs.save_quantized(model(2), folder, max_shard_size=SHARD)
+    assert not junk.exists() and not [n for n in os.listdir(folder) if n.endswith(".tmp")]

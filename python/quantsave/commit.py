@@ -71,9 +71,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+#: Per-file temporaries of quantsave's writers (``.<name>.<pid>-<n>.quantsave.tmp``).
+_FILE_TEMP = re.compile(r"^\..+\.\d+-\d+\.quantsave\.tmp$")
+
+
 def _link_tree(src: Path, dst: Path) -> None:
-    """Recreates ``src``'s files in ``dst`` as hard links (copies where linking fails)."""
+    """Recreates ``src``'s files in ``dst`` as hard links (copies where linking fails), leaving
+    out temporaries of interrupted writes."""
     for entry in src.iterdir():
+        if _FILE_TEMP.match(entry.name):
+            continue
         target = dst / entry.name
         if entry.is_symlink():
             os.symlink(os.readlink(entry), target)
