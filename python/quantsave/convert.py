@@ -259,8 +259,15 @@ def _model_order(model: nn.Module, family: Family, source: _Source) -> list[str]
     tied = set(getattr(model, "all_tied_weights_keys", None) or {}) if family is TRANSFORMERS else set()
     unexpected = [k for k in source.tensors if k not in expected]
     if unexpected:
+        hint = (
+            "; transformers renames or fuses some architectures' weights on load (e.g. MoE experts), "
+            "which convert does not support yet"
+            if family is TRANSFORMERS
+            else ""
+        )
         raise CheckpointError(
-            f"checkpoint in {source.folder} holds {len(unexpected)} tensor(s) the model does not have, e.g. {unexpected[:3]}"
+            f"checkpoint in {source.folder} holds {len(unexpected)} tensor(s) the model does not have, "
+            f"e.g. {unexpected[:3]}{hint}"
         )
     missing = [k for k in expected if k not in source.tensors and k not in tied]
     if missing:
