@@ -2,7 +2,7 @@
 
 from collections.abc import Sequence
 from os import PathLike
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict, overload
 
 __version__: str
 
@@ -18,9 +18,26 @@ class Header(TypedDict):
 _Tensor = tuple[str, str, Sequence[int], Any]
 _Shard = tuple[str | PathLike[str], Sequence[_Tensor], dict[str, str] | None]
 
+@overload
 def write_shards(
-    shards: Sequence[_Shard], *, fsync: bool = False, strategy: str = "write", chunk_size: int = 16777216
+    shards: Sequence[_Shard],
+    *,
+    fsync: bool = False,
+    strategy: str = "write",
+    chunk_size: int = 16777216,
+    checksums: Literal[False] = False,
 ) -> list[int]: ...
+@overload
+def write_shards(
+    shards: Sequence[_Shard],
+    *,
+    fsync: bool = False,
+    strategy: str = "write",
+    chunk_size: int = 16777216,
+    checksums: Literal[True],
+) -> list[tuple[int, str]]: ...
+def sha256_files(paths: Sequence[str | PathLike[str]]) -> list[str]: ...
+def exchange_paths(a: str | PathLike[str], b: str | PathLike[str]) -> bool: ...
 def write_bytes_atomic(path: str | PathLike[str], data: bytes, *, fsync: bool = False) -> None: ...
 def plan_shards(
     sizes: Sequence[int], groups: Sequence[int | None], max_shard_size: int
@@ -57,3 +74,24 @@ def dequantize_dynamic(codes: Any, absmax: Any, offset: float, blocksize: int) -
 def dynamic_map() -> bytes: ...
 def code_4bit(quant_type: str) -> bytes: ...
 def quantize_int8_rows(input: Any, rows: int, cols: int, q: Any, scb: Any) -> None: ...
+
+_ConvertShard = tuple[str | PathLike[str], Sequence[tuple[str, str, Sequence[int]]], dict[str, str] | None]
+
+class Conversion:
+    """A streaming conversion; ops are ``("copy", file, name, shard, out)``,
+    ``("bytes", data, shard, out)``, ``("quant4", file, name, quant_type, blocksize, shard,
+    packed, absmax, nested)`` with ``nested`` None or ``(offset, nested_absmax)``, and
+    ``("int8", file, name, rows, cols, shard, weight, scb)``."""
+
+    def __init__(
+        self,
+        sources: Sequence[str | PathLike[str]],
+        shards: Sequence[_ConvertShard],
+        ops: Sequence[tuple[Any, ...]],
+        chunk_elems: int = 4194304,
+        fsync: bool = False,
+    ) -> None: ...
+    def run(self) -> list[int]: ...
+    def progress(self) -> int: ...
+
+def absmax_4bit(path: str | PathLike[str], name: str, blocksize: int = 64, chunk_elems: int = 4194304) -> bytes: ...
