@@ -30,7 +30,7 @@ def read_config(directory: Path) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, an over-long integer, deep nesting
         raise CheckpointError(f"invalid checkpoint file {path}: config.json is not valid JSON: {e}") from e
     if not isinstance(data, dict):
         raise CheckpointError(f"invalid checkpoint file {path}: config.json is not a JSON object")
@@ -83,7 +83,7 @@ def _read_index(directory: Path, index: Path) -> tuple[list[Path], dict[str, str
 
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, an over-long integer, deep nesting
         raise bad(f"not valid JSON: {e}") from e
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
@@ -94,10 +94,18 @@ def _read_index(directory: Path, index: Path) -> tuple[list[Path], dict[str, str
             raise bad(f"tensor {key!r} maps to {fname!r}, which is not a file in the checkpoint folder")
         path = directory / fname
         if path not in files:
-            if not path.is_file():
+            if not _is_file(path):
                 raise bad(f"shard {fname!r} named for tensor {key!r} does not exist")
             files.append(path)
     return files, weight_map
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False where the name cannot even be looked up (too long, ...)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def load_state_dict(
@@ -142,7 +150,12 @@ def load_checkpoint(
                     f"invalid checkpoint file {f}: holds tensor {name!r} which the index places in {weight_map[name]!r}"
                 )
             owner[name] = f
-            state_dict[name] = tensor_from_map(base, dtype, shape, start, end)
+            try:
+                state_dict[name] = tensor_from_map(base, dtype, shape, start, end)
+            except (ValueError, TypeError, RuntimeError) as e:  # no torch dtype, dims past 2**63 - 1
+                raise CheckpointError(
+                    f"invalid checkpoint file {f}: tensor {name!r} ({dtype} {list(shape)}) cannot be loaded into torch: {e}"
+                ) from e
     if weight_map is not None:
         missing = [k for k in weight_map if k not in state_dict]
         if missing:
@@ -238,7 +251,10 @@ def load_model(
 
         qconfig = config_from_qmap(folder / "quanto_qmap.json")
     if qconfig is not None:
-        quantizer = get_quantizer(qconfig)
+        try:
+            quantizer = get_quantizer(qconfig)
+        except ValueError as e:  # a quant_method quantsave does not know
+            raise CheckpointError(f"checkpoint in {path}: config.json: {e}") from e
         try:
             rest = quantizer.load_into(model, state_dict, metadata, path if path.is_dir() else path.parent)
         except CheckpointError as e:

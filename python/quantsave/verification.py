@@ -31,7 +31,10 @@ def verify_checkpoint(
     Raises:
         FileNotFoundError: the folder does not exist or is not a checkpoint.
     """
-    ckpt = find_checkpoint(directory, variant)
+    try:
+        ckpt = find_checkpoint(directory, variant)
+    except RecursionError as e:  # json gives up on an index nested this deep
+        return [f"{directory}: the shard index is not valid JSON: {e}"], 0
     problems = list(ckpt.problems)
     weight_map = weight_map_of(ckpt)
     tensors: _Tensors = {}
@@ -145,7 +148,7 @@ def _check_bnb4(qconfig: Any, tensors: _Tensors) -> list[str]:
                 and state.get("quant_type") == quant_type
                 and isinstance(state.get("shape"), list)
             )
-        except (UnicodeDecodeError, json.JSONDecodeError, ValueError, OSError):
+        except (ValueError, OSError, RecursionError):  # bad UTF-8 or JSON included
             ok = False
         if not ok:
             problems.append(f"tensor {key!r} is not a valid {quant_type} quant_state JSON")
