@@ -303,11 +303,10 @@ def test_valid_file_torch_cannot_hold(entry: dict, copy: Callable[[str], Path]) 
             load()
 
 
-@pytest.mark.xfail(strict=True, reason="quantizers/bnb.py does not check a quant_state's blocksize against its absmax")
 @pytest.mark.parametrize("blocksize", [b"32", b"-1", b" 0"])
 def test_quant_state_blocksize_must_match_absmax(blocksize: bytes, copy: Callable[[str], Path]) -> None:
     # A valid file whose 4-bit state contradicts its tensors: absmax holds 64 blocks of 64.
-    # Today it loads and dequantizes garbage (NaN for small block sizes).
+    # bitsandbytes alone would load it and dequantize garbage (NaN for small block sizes).
     folder = copy("nf4-sharded")
     f = shards(folder)[1]
     blob = f.read_bytes()
@@ -441,6 +440,16 @@ def test_config_does_not_match_the_tensors(tensors: str, config: str, saved: dic
     if config != "gguf":  # verify has no check for a gguf config beside safetensors weights
         problems, _ = verify_checkpoint(folder)
         assert problems, "verify passed a config that does not match the tensors"
+
+
+@pytest.mark.parametrize(("tensors", "config"), [("nf4", "int8"), ("nf4", "fp4"), ("int8", "nf4")])
+def test_bitsandbytes_config_must_name_the_tensors_kind(tensors: str, config: str, copy: Callable[[str], Path]) -> None:
+    """bitsandbytes reads the layout from the tensor names; quantsave refuses a config that says
+    otherwise instead of recording a wrong config on the loaded model."""
+    folder = copy(f"{tensors}-sharded")
+    _set_quantization_config(folder, CONFIGS[config])
+    with pytest.raises(qs.CheckpointError, match="config.json says bitsandbytes"):
+        qs.load_quantized(folder, skeleton())
 
 
 # --- the command line ---------------------------------------------------------------------------

@@ -83,6 +83,33 @@ def _member_of(key: str, prefixes: dict[str, Any]) -> str | None:
     return None
 
 
+def _quant_state_problem(qs: Any, packed: torch.Tensor) -> str | None:
+    """What in a 4-bit state contradicts its tensors (bitsandbytes itself would dequantize
+    garbage), or None."""
+    n = 1
+    for d in qs.shape:
+        n *= int(d)
+    bs = qs.blocksize
+    if not isinstance(bs, int) or not 32 <= bs <= 4096 or bs & (bs - 1):
+        return f"blocksize {bs!r} is not a power of two in 32..4096"
+    if packed.numel() * packed.element_size() != (n + 1) // 2:
+        return f"{packed.numel() * packed.element_size()} packed bytes for {n} values (needs {(n + 1) // 2})"
+    blocks = (n + bs - 1) // bs
+    if qs.absmax.numel() != blocks:
+        return f"absmax has {qs.absmax.numel()} entries, {n} values in blocks of {bs} need {blocks}"
+    if qs.code.numel() != 16:
+        return f"quant_map has {qs.code.numel()} entries, not 16"
+    if qs.state2 is not None:
+        nbs = qs.state2.blocksize
+        if nbs != 256:
+            return f"nested blocksize {nbs!r} is not 256"
+        if qs.state2.absmax.numel() != (blocks + nbs - 1) // nbs:
+            return f"nested_absmax has {qs.state2.absmax.numel()} entries, needs {(blocks + nbs - 1) // nbs}"
+        if qs.state2.code.numel() != 256:
+            return f"nested_quant_map has {qs.state2.code.numel()} entries, not 256"
+    return None
+
+
 class BitsAndBytesQuantizer(Quantizer):
     quant_method = "bitsandbytes"
     config_cls = BitsAndBytesConfig
@@ -167,6 +194,12 @@ class BitsAndBytesQuantizer(Quantizer):
             if owner is not None:
                 members[owner][k[len(owner) + 1 :]] = rest.pop(k)
         cfg = self.config
+        for prefix, (bits, qtype) in prefixes.items():
+            expected = "int8" if cfg.bits == 8 else cfg.bnb_4bit_quant_type
+            if (bits, qtype) != (cfg.bits, expected):
+                raise CheckpointError(
+                    f"config.json says bitsandbytes {expected}, but the tensors of {prefix!r} are {qtype}"
+                )
         for prefix, (bits, _qtype) in prefixes.items():
             parent, _, leaf = prefix.rpartition(".")
             try:
@@ -209,6 +242,9 @@ class BitsAndBytesQuantizer(Quantizer):
                         f"quantized weight {prefix!r} has shape {list(shape)}, the model expects "
                         f"{[old.out_features, old.in_features]}"
                     )
+                problem = _quant_state_problem(new.weight.quant_state, data)
+                if problem is not None:
+                    raise CheckpointError(f"quantized weight {prefix!r}: {problem}")
             else:
                 w, scb = t.get("weight"), t.get("SCB")
                 if w is None or scb is None or w.dtype != torch.int8 or tuple(w.shape) != (old.out_features, old.in_features):
