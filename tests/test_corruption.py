@@ -491,3 +491,19 @@ def test_verify_command_on_corrupted_folders(corrupted: dict[str, Path]) -> None
         assert "Traceback" not in err and "Traceback" not in out, (label, err)
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("quantsave:"), (label, err)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda wm: wm.update({next(iter(wm)): "model-00001\x00.safetensors"}),
+        lambda wm: wm.update({next(iter(wm)): "x" * 300 + ".safetensors"}),
+    ],
+    ids=["nul-byte", "name-too-long"],
+)
+def test_verify_reports_unlookupable_index_names(edit: Callable[[dict], None], copy: Callable[[str], Path]) -> None:
+    """Names the system cannot even look up are problems in verify's report, not exceptions."""
+    folder = copy("nf4-sharded")
+    _set_index(folder, lambda index: edit(index["weight_map"]))
+    problems, _ = verify_checkpoint(folder)
+    assert any("not a file in the checkpoint folder" in p or "does not exist" in p for p in problems), problems

@@ -303,7 +303,7 @@ def _skeleton(path: Path, kv: dict[str, tuple[int, Any]]) -> nn.Module:
     else:
         try:
             config = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:  # bad JSON, huge integers, deep nesting
             raise CheckpointError(f"invalid GGUF file {path}: {KEY_CONFIG} is not valid JSON: {e}") from e
         if not isinstance(config, dict):
             raise CheckpointError(f"invalid GGUF file {path}: {KEY_CONFIG} is not a JSON object")

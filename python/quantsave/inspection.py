@@ -87,7 +87,7 @@ def _read_index(directory: Path, index: Path) -> Checkpoint:
     ckpt = Checkpoint(directory, [], index)
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, huge integers, deep nesting
         ckpt.problems.append(f"{index}: not valid JSON: {e}")
         return ckpt
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
@@ -96,18 +96,32 @@ def _read_index(directory: Path, index: Path) -> Checkpoint:
         return ckpt
     root = directory.resolve()
     for key, fname in weight_map.items():
-        path = directory / fname if isinstance(fname, str) and fname else None
-        if path is None or "/" in fname or "\\" in fname or fname in (".", "..") or path.resolve().parent != root:
+        path = directory / fname if isinstance(fname, str) and fname and "\0" not in fname else None
+        if path is None or "/" in fname or "\\" in fname or fname in (".", "..") or _parent(path) != root:
             ckpt.problems.append(
                 f"{index}: tensor {key!r} maps to {fname!r}, which is not a file in the checkpoint folder"
             )
         elif path not in ckpt.shards:
-            if path.is_file():
+            if _is_file(path):
                 ckpt.shards.append(path)
             else:
                 ckpt.problems.append(f"{index}: shard {fname!r} named for tensor {key!r} does not exist")
     ckpt.shards.sort()
     return ckpt
+
+
+def _parent(path: Path) -> Path | None:
+    try:
+        return path.resolve().parent
+    except (OSError, ValueError):  # a name the system cannot look up
+        return None
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def weight_map_of(ckpt: Checkpoint) -> dict[str, str] | None:
@@ -116,7 +130,7 @@ def weight_map_of(ckpt: Checkpoint) -> dict[str, str] | None:
         return None
     try:
         data = json.loads(ckpt.index.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, huge integers, deep nesting
         return None
     wm = data.get("weight_map") if isinstance(data, dict) else None
     return {k: v for k, v in wm.items() if isinstance(v, str)} if isinstance(wm, dict) else None
@@ -130,7 +144,7 @@ def read_bytes(path: Path, start: int, end: int) -> bytes:
 def _quant_state(path: Path, start: int, end: int) -> dict[str, Any] | None:
     try:
         data = json.loads(read_bytes(path, start, end).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # bad UTF-8 or JSON included
         return None
     return data if isinstance(data, dict) else None
 
@@ -173,7 +187,7 @@ def _count_parameters(
             try:
                 entry = json.loads(metadata.get(base + ".weight", "{}"))
                 float_dtype = float_dtype or entry["_data"]["dtype"]["_data"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (ValueError, RecursionError, KeyError, TypeError):
                 pass
         elif name.endswith(".weight._data._data"):
             base = name[: -len("._data._data")]

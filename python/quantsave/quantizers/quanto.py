@@ -438,7 +438,7 @@ def read_qmap(path: Path) -> dict[str, dict[str, Any]]:
     """
     try:
         qmap = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, huge integers, deep nesting
         raise CheckpointError(f"invalid checkpoint file {path}: not valid JSON: {e}") from e
     if not isinstance(qmap, dict) or not all(isinstance(v, dict) for v in qmap.values()):
         raise CheckpointError(f"invalid checkpoint file {path}: expected {{module: {{'weights', 'activations'}}}}")

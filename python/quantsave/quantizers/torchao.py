@@ -290,7 +290,7 @@ def _parse_entry(name: str, entry: Any) -> dict[str, Any]:
         raise CheckpointError(f"torchao metadata has no entry for tensor {name!r}")
     try:
         info = json.loads(entry)
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # bad JSON, huge integers, deep nesting
         raise CheckpointError(f"torchao metadata of tensor {name!r} is not valid JSON: {e}") from e
     if not isinstance(info, dict):
         raise CheckpointError(f"torchao metadata of tensor {name!r} is not a JSON object")
@@ -308,7 +308,7 @@ def _tensor_names(metadata: dict[str, str], state_dict: dict[str, torch.Tensor])
         return None
     try:
         names = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # bad JSON, huge integers, deep nesting
         raise CheckpointError(f"torchao metadata 'tensor_names' is not valid JSON: {e}") from e
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise CheckpointError("torchao metadata 'tensor_names' is not a list of names")
