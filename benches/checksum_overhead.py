@@ -10,6 +10,7 @@ Usage: python benches/checksum_overhead.py [--gb 1.0] [--shard 500MB] [--runs 7]
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -39,6 +40,7 @@ def main() -> None:
         for checksums in (False, True):
             out = root / f"sum-{checksums}"
             shutil.rmtree(out, ignore_errors=True)
+            os.sync()  # no writeback of the previous run inside this one's timing
             t0 = time.perf_counter()
             qs.save_quantized(model, out, max_shard_size=args.shard, checksums=checksums)
             times[checksums].append(time.perf_counter() - t0)
