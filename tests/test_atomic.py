@@ -182,3 +182,21 @@ def test_leftover_file_temporaries_are_ignored_and_dropped(tmp_path) -> None:  #
     assert same(state(folder), {k: v.detach() for k, v in model(1).state_dict().items()})
     qs.save_quantized(model(2), folder, max_shard_size=SHARD)
     assert not junk.exists() and not [n for n in os.listdir(folder) if n.endswith(".tmp")]
+
+
+def test_mount_point_is_written_in_place(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A mount point cannot be renamed: its files are replaced in place (each atomically)."""
+    import quantsave.commit as commit
+
+    folder = tmp_path / "ckpt"
+    qs.save_quantized(model(1), folder, max_shard_size=SHARD)
+    inode = folder.stat().st_ino
+    qs.save_quantized(model(2), folder, max_shard_size=SHARD)
+    assert folder.stat().st_ino != inode  # staged: a new folder was swapped in
+    inode = folder.stat().st_ino
+    real = commit.os.path.ismount
+    monkeypatch.setattr(commit.os.path, "ismount", lambda p: Path(p) == folder or real(p))
+    qs.save_quantized(model(3), folder, max_shard_size=SHARD)
+    assert folder.stat().st_ino == inode
+    assert same(state(folder), {k: v.detach() for k, v in model(3).state_dict().items()})
+    assert stage_leftovers(folder) == []

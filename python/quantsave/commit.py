@@ -16,8 +16,8 @@ never a mix, whenever the saving process stops.
    the same target deletes.
 
 Concurrent saves into one target each commit a complete checkpoint; the last exchange wins.
-Where the parent folder is not writable but an existing target is, there is no room for a
-staging sibling: the files are then written in place (each replaced atomically by rename, the
+Where the parent folder is not writable but an existing target is, or the target is a mount
+point (which cannot be renamed), the files are written in place (each replaced atomically by rename, the
 checkpoint as a whole not).
 """
 
@@ -119,6 +119,10 @@ def staged_directory(target: str | os.PathLike[str], *, fsync: bool = False) -> 
     target.parent.mkdir(parents=True, exist_ok=True)
     for old in stale_stages(target):
         shutil.rmtree(old, ignore_errors=True)
+    if target.is_dir() and os.path.ismount(target):
+        # A mount point cannot be renamed or exchanged: write in place.
+        yield target
+        return
     stage = target.parent / _stage_name(target)
     try:
         stage.mkdir()
