@@ -185,3 +185,28 @@ def test_converted_folder_loads_with_quantsave(config, llama_dir, llama_ids, tmp
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     with torch.no_grad():
         assert torch.equal(ours(llama_ids).logits, ref(llama_ids).logits)
+
+
+def test_static_path_with_biased_linears(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Qwen2's q/k/v projections have biases, listed before their weights in the file: the
+    static path plans them like the model's order and matches transformers byte for byte."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False,
+    )
+    transformers.Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    assert convert_module._static_layout(convert_module._read_source(tmp_path / "src"), qs.BitsAndBytesConfig(**NF4), None)
+    for name, config in {"nf4": NF4, "int8": dict(load_in_8bit=True)}.items():
+        qs.convert(tmp_path / "src", tmp_path / f"qs-{name}", qs.BitsAndBytesConfig(**config))
+        ref = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "src", quantization_config=transformers.BitsAndBytesConfig(**config), device_map="cpu"
+        )
+        ref.save_pretrained(tmp_path / f"hf-{name}")
+        assert files_equal(tmp_path / f"qs-{name}", tmp_path / f"hf-{name}") == [], name
+
+
+def test_pipeline_dst_inside_src_is_refused(pipe_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="inside"):
+        qs.convert(pipe_dir, pipe_dir / "out", qs.BitsAndBytesConfig(**NF4))
+    assert not (pipe_dir / "out").exists()

@@ -356,7 +356,8 @@ def _plan_output(source: _Source, order: list[str], targets: set[str], config: B
             if dtype not in _FLOATS or len(shape) != 2:
                 raise ValueError(f"{key!r} is {dtype} {shape}; only 2-D F32/BF16/F16 Linear weights can be quantized")
             _add_weight(out, add, source, key, config)
-            if f"{module}.bias" in source.tensors and f"{module}.bias" in order:
+            bias = f"{module}.bias"
+            if bias in source.tensors and bias in order and bias not in out.specs:
                 pending[module] = key
             else:
                 _add_state(out, add, source, key, config)
@@ -535,8 +536,8 @@ def _convert_pipeline(
 ) -> SaveResult:
     """Converts the named components of a pipeline folder and copies everything else."""
     t0 = time.perf_counter()
-    if dst.resolve() == src.resolve():
-        raise ValueError("dst must differ from the source folder (the source files are read while writing)")
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        raise ValueError("dst must not be the source pipeline folder or inside it")
     index = json.loads((src / "model_index.json").read_text(encoding="utf-8"))
     names = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None]
     with_weights = [n for n in names if (src / n).is_dir() and _has_weights(src / n)]
