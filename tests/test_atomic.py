@@ -200,3 +200,65 @@ def test_mount_point_is_written_in_place(tmp_path, monkeypatch) -> None:  # type
     assert folder.stat().st_ino == inode
     assert same(state(folder), {k: v.detach() for k, v in model(3).state_dict().items()})
     assert stage_leftovers(folder) == []
+
+
+def test_stale_stage_of_a_reused_pid_is_removed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A container restarts with the same pid: its dead save's stage is unlocked, hence stale."""
+    folder = tmp_path / "ckpt"
+    qs.save_quantized(model(1), folder, max_shard_size=SHARD)
+    stale = tmp_path / f".ckpt.quantsave-{os.getpid()}-0123456789ab.tmp"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    qs.save_quantized(model(2), folder, max_shard_size=SHARD)
+    assert not stale.exists() and stage_leftovers(folder) == []
+
+
+def test_files_created_during_the_save_survive(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    folder = tmp_path / "ckpt"
+    qs.save_quantized(model(1), folder, max_shard_size=SHARD)
+    real = _core.write_shards
+
+    def meanwhile(batch, **kw):  # type: ignore[no-untyped-def]
+        (folder / "trainer_state.json").write_text("{}")  # another program, mid-save
+        return real(batch, **kw)
+
+    monkeypatch.setattr(_core, "write_shards", meanwhile)
+    qs.save_quantized(model(2), folder)  # one file: the old shards are stale
+    assert (folder / "trainer_state.json").read_text() == "{}"
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "trainer_state.json"]
+
+
+def test_folder_moved_aside_by_a_killed_fallback_is_restored(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Killed between the two renames of the no-exchange fallback: the next save puts the old
+    folder back first, so nothing it held is lost."""
+    folder = tmp_path / "ckpt"
+    qs.save_quantized(model(1), folder, max_shard_size=SHARD)
+    (folder / "README.md").write_text("card")
+    os.rename(folder, tmp_path / ".ckpt.quantsave-old-999999-00aa.tmp")
+    qs.save_quantized(model(2), folder, max_shard_size=SHARD)
+    assert (folder / "README.md").read_text() == "card"
+    assert same(state(folder), {k: v.detach() for k, v in model(2).state_dict().items()})
+    assert stage_leftovers(folder) == []
+
+
+def test_current_folder_as_target(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    folder = tmp_path / "ckpt"
+    qs.save_quantized(model(1), folder, max_shard_size=SHARD)
+    monkeypatch.chdir(folder)
+    qs.save_quantized(model(2), ".", max_shard_size=SHARD)
+    assert same(state(folder), {k: v.detach() for k, v in model(2).state_dict().items()})
+    assert stage_leftovers(folder) == []
+
+
+def test_mount_point_inside_the_target_is_never_crossed(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import quantsave.commit as commit
+
+    folder = tmp_path / "ckpt"
+    qs.save_quantized(model(1), folder, max_shard_size=SHARD)
+    (folder / "data").mkdir()
+    (folder / "data" / "big.bin").write_bytes(b"mounted")
+    inode = folder.stat().st_ino
+    real = commit.os.path.ismount
+    monkeypatch.setattr(commit.os.path, "ismount", lambda p: Path(p) == folder / "data" or real(p))
+    qs.save_quantized(model(2), folder, max_shard_size=SHARD)
+    assert folder.stat().st_ino == inode and (folder / "data" / "big.bin").read_bytes() == b"mounted"

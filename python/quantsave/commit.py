@@ -5,25 +5,26 @@ never a mix, whenever the saving process stops.
     with staged_directory(target) as stage:
         ...write every file into stage...
 
-1. ``stage`` is a fresh sibling ``.<name>.quantsave-<pid>-<n>.tmp``; the files of an existing
-   ``target`` are hard-linked into it first (the old files are never modified: every write
-   replaces a link with a new file by rename), so whatever the save does not rewrite carries over.
+1. ``stage`` is a fresh sibling ``.<name>.quantsave-<pid>-<token>.tmp``, locked (``flock``) for
+   as long as the save runs; the files of an existing ``target`` are hard-linked into it first
+   (the old files are never modified: every write replaces a link with a new file by rename), so
+   whatever the save does not rewrite carries over.
 2. On success the stage and the target are exchanged (``renameat2(RENAME_EXCHANGE)``, one atomic
-   step); the old folder, now at the staging name, is deleted. Where the filesystem cannot
-   exchange, two renames are used (a moment without the folder).
+   step). Entries that other programs created in the old folder meanwhile are moved across, then
+   the old folder is deleted. Where the filesystem cannot exchange, two renames are used (a
+   moment without the folder; a save interrupted there is repaired by the next one).
 3. On error the stage is deleted and the target is untouched. A process killed before the
    exchange leaves only the staging sibling, which loaders never look at and the next save into
-   the same target deletes.
+   the same target deletes (a stage is stale when nobody holds its lock).
 
 Concurrent saves into one target each commit a complete checkpoint; the last exchange wins.
-Where the parent folder is not writable but an existing target is, or the target is a mount
-point (which cannot be renamed), the files are written in place (each replaced atomically by rename, the
-checkpoint as a whole not).
+Where the parent folder is not writable but an existing target is, or the target is (or holds)
+a mount point, which cannot be renamed, the files are written in place instead (each replaced
+atomically by rename, the checkpoint as a whole not).
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import shutil
@@ -34,73 +35,125 @@ from pathlib import Path
 
 from quantsave import _core
 
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = ["staged_directory", "stale_stages"]
 
-_COUNTER = itertools.count()
+
+def _stage_name(target: Path, kind: str = "") -> str:
+    return f".{target.name}.quantsave-{kind}{os.getpid()}-{os.urandom(6).hex()}.tmp"
 
 
-def _stage_name(target: Path) -> str:
-    return f".{target.name}.quantsave-{os.getpid()}-{next(_COUNTER)}.tmp"
+def _pattern(target: Path, kind: str = "") -> re.Pattern[str]:
+    return re.compile(rf"^\.{re.escape(target.name)}\.quantsave-{kind}\d+-[0-9a-f]+\.tmp$")
 
 
-def stale_stages(target: Path) -> list[Path]:
-    """Staging siblings of ``target`` left by processes that no longer run."""
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.quantsave-(\d+)-\d+\.tmp$")
-    out = []
-    parent = target.parent
+def _lock(folder: Path) -> int | None:
+    """An exclusive lock held on ``folder`` (its descriptor), or None where locks are missing."""
+    if fcntl is None:
+        return None
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        entries = list(parent.iterdir())
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        return out
-    for entry in entries:
-        m = pattern.match(entry.name)
-        if m is None or not entry.is_dir() or entry.is_symlink():
-            continue
-        pid = int(m[1])
-        if pid != os.getpid() and not _alive(pid, entry):
-            out.append(entry)
-    return out
+        os.close(fd)
+        raise
+    return fd
 
 
-def _alive(pid: int, stage: Path) -> bool:
-    """Whether the process that made ``stage`` may still be writing it."""
-    if os.name != "posix":
-        # No harmless liveness probe here (os.kill terminates on Windows): go by age.
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
+def _abandoned(stage: Path) -> bool:
+    """Whether no running save holds ``stage`` (its lock is free; without locks: a day old)."""
+    if fcntl is None:
         try:
-            return time.time() - stage.stat().st_mtime < 24 * 3600
+            return time.time() - stage.stat().st_mtime > 24 * 3600
         except OSError:
             return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = _lock(stage)
+    except OSError:
         return False
-    except PermissionError:
-        return True
+    _unlock(fd)
     return True
+
+
+def stale_stages(target: Path) -> list[Path]:
+    """Staging siblings of ``target`` that no running save holds."""
+    pattern = _pattern(target)
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return []
+    return [e for e in entries if pattern.match(e.name) and e.is_dir() and not e.is_symlink() and _abandoned(e)]
 
 
 #: Per-file temporaries of quantsave's writers (``.<name>.<pid>-<n>.quantsave.tmp``).
 _FILE_TEMP = re.compile(r"^\..+\.\d+-\d+\.quantsave\.tmp$")
 
 
-def _link_tree(src: Path, dst: Path) -> None:
+def _link_tree(src: Path, dst: Path, seen: set[str], prefix: str = "") -> None:
     """Recreates ``src``'s files in ``dst`` as hard links (copies where linking fails), leaving
-    out temporaries of interrupted writes."""
+    out temporaries of interrupted writes, and records every entry's relative path in ``seen``;
+    folder attributes are copied last, so a read-only folder is still filled."""
     for entry in src.iterdir():
         if _FILE_TEMP.match(entry.name):
             continue
+        rel = prefix + entry.name
+        seen.add(rel)
         target = dst / entry.name
         if entry.is_symlink():
             os.symlink(os.readlink(entry), target)
         elif entry.is_dir():
             target.mkdir()
+            _link_tree(entry, target, seen, rel + "/")
             shutil.copystat(entry, target)
-            _link_tree(entry, target)
         elif entry.is_file():
             try:
                 os.link(entry, target)
             except OSError:
                 shutil.copy2(entry, target)
+
+
+def _holds_mount(folder: Path) -> bool:
+    """Whether ``folder`` is, or contains, a mount point (which renames cannot move)."""
+    if os.path.ismount(folder):
+        return True
+    for root, dirs, _files in os.walk(folder):
+        for d in dirs:
+            p = os.path.join(root, d)
+            if not os.path.islink(p) and os.path.ismount(p):
+                return True
+    return False
+
+
+def _repair(target: Path) -> None:
+    """Puts back an old folder a save moved aside and could not replace (killed between its two
+    renames), so it is never taken for a stale stage."""
+    if target.exists():
+        return
+    pattern = _pattern(target, "old-")
+    try:
+        candidates = sorted(
+            (e for e in target.parent.iterdir() if pattern.match(e.name) and e.is_dir()),
+            key=lambda e: e.stat().st_mtime,
+            reverse=True,
+        )
+    except OSError:
+        return
+    for entry in candidates:
+        if _abandoned(entry):
+            try:
+                os.rename(entry, target)
+            except OSError:
+                continue
+            return
 
 
 @contextmanager
@@ -110,17 +163,20 @@ def staged_directory(target: str | os.PathLike[str], *, fsync: bool = False) -> 
 
     Raises:
         NotADirectoryError: ``target`` exists and is not a folder.
+        ValueError: ``target`` names no folder of its own (``/``).
     """
-    target = Path(target)
+    target = Path(os.path.abspath(target))
     if target.is_symlink():
         target = target.resolve()
+    if not target.name:
+        raise ValueError(f"cannot save into {str(target)!r}: name a folder")
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"save_directory {str(target)!r} exists and is not a directory")
     target.parent.mkdir(parents=True, exist_ok=True)
+    _repair(target)
     for old in stale_stages(target):
         shutil.rmtree(old, ignore_errors=True)
-    if target.is_dir() and os.path.ismount(target):
-        # A mount point cannot be renamed or exchanged: write in place.
+    if target.is_dir() and _holds_mount(target):
         yield target
         return
     stage = target.parent / _stage_name(target)
@@ -133,14 +189,17 @@ def staged_directory(target: str | os.PathLike[str], *, fsync: bool = False) -> 
             yield target
             return
         raise PermissionError(e.errno, f"cannot write the checkpoint folder {target}: {e.strerror}", str(target)) from e
+    lock = _lock(stage)
     committed = False
+    seen: set[str] = set()
     try:
-        if target.is_dir():
-            shutil.copystat(target, stage)
-            _link_tree(target, stage)
         try:
+            if target.is_dir():
+                _link_tree(target, stage, seen)
             yield stage
-            _commit(stage, target, fsync)
+            if target.is_dir():
+                shutil.copystat(target, stage)
+            _commit(stage, target, fsync, seen)
         except OSError as e:
             # Name the target, not the staging folder, in what the caller sees.
             renamed = _renamed(e, stage, target)
@@ -149,6 +208,7 @@ def staged_directory(target: str | os.PathLike[str], *, fsync: bool = False) -> 
             raise renamed from e
         committed = True
     finally:
+        _unlock(lock)
         if not committed:
             shutil.rmtree(stage, ignore_errors=True)
 
@@ -174,7 +234,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _commit(stage: Path, target: Path, fsync: bool) -> None:
+def _carry_late(old: Path, new: Path, seen: set[str], prefix: str = "") -> None:
+    """Moves entries other programs created in the old folder during the save (not in
+    ``seen``, the entries it had when the stage was filled) into the new one; what both have,
+    the new folder's version wins."""
+    for entry in old.iterdir():
+        rel = prefix + entry.name
+        dest = new / entry.name
+        if _FILE_TEMP.match(entry.name):
+            continue
+        if rel not in seen:
+            if not os.path.lexists(dest):
+                try:
+                    os.rename(entry, dest)
+                except OSError:
+                    pass
+        elif entry.is_dir() and not entry.is_symlink() and dest.is_dir() and not dest.is_symlink():
+            _carry_late(entry, dest, seen, rel + "/")
+
+
+def _commit(stage: Path, target: Path, fsync: bool, seen: set[str]) -> None:
     if fsync:
         # The files were fsynced as they were written; make the folder entries durable too.
         for folder, _dirs, _files in os.walk(stage):
@@ -190,13 +269,23 @@ def _commit(stage: Path, target: Path, fsync: bool) -> None:
                 # Created meanwhile by another save: exchange with it instead.
         if _core.exchange_paths(str(stage), str(target)):
             # ``stage`` now names the old folder.
+            _carry_late(stage, target, seen)
             shutil.rmtree(stage, ignore_errors=True)
             break
-        # No atomic exchange here: move the old folder aside, then the new one in.
-        aside = target.parent / _stage_name(target)
+        # No atomic exchange here: move the old folder aside (under a name the next save
+        # restores should this process die now), then the new one in.
+        aside = target.parent / _stage_name(target, "old-")
         os.rename(target, aside)
-        os.rename(stage, target)
+        try:
+            os.rename(stage, target)
+        except OSError:
+            os.rename(aside, target)
+            raise
+        _carry_late(aside, target, seen)
         shutil.rmtree(aside, ignore_errors=True)
         break
     if fsync:
-        _fsync_dir(target.parent)
+        try:
+            _fsync_dir(target.parent)
+        except OSError:
+            pass  # committed already; durability of the rename is best effort here
