@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -210,3 +211,18 @@ def test_pipeline_dst_inside_src_is_refused(pipe_dir, tmp_path) -> None:  # type
     with pytest.raises(ValueError, match="inside"):
         qs.convert(pipe_dir, pipe_dir / "out", qs.BitsAndBytesConfig(**NF4))
     assert not (pipe_dir / "out").exists()
+
+
+def test_pipeline_reconversion_replaces_the_whole_folder(pipe_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Converting again with fewer components: the copied component is exactly the source's
+    (no quantized leftovers), and the first conversion's files were never written through."""
+    out = tmp_path / "out"
+    qs.convert(pipe_dir, out, qs.BitsAndBytesConfig(load_in_8bit=True))
+    first = (out / "text_encoder" / "model.safetensors").read_bytes()
+    keep = tmp_path / "keep.safetensors"
+    os.link(out / "text_encoder" / "model.safetensors", keep)  # a second name for the old file
+    qs.convert(pipe_dir, out, None, components={"unet": qs.BitsAndBytesConfig(load_in_8bit=True)})
+    assert files_equal(out / "text_encoder", pipe_dir / "text_encoder") == []
+    assert sorted(p.name for p in (out / "text_encoder").iterdir()) == sorted(p.name for p in (pipe_dir / "text_encoder").iterdir())
+    assert keep.read_bytes() == first
+    assert not [p.name for p in tmp_path.iterdir() if ".quantsave-" in p.name]

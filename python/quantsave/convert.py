@@ -556,20 +556,28 @@ def _convert_pipeline(
         cfg = read_config(src / name)
         if cfg is not None and cfg.get("quantization_config") is not None:
             raise ValueError(f"pipeline component {name!r} is already quantized")
-    dst.mkdir(parents=True, exist_ok=True)
     result = SaveResult(directory=dst)
-    for entry in sorted(src.iterdir()):
-        target = dst / entry.name
-        if entry.name in configs:
-            r = _convert_model(entry, target, configs[entry.name], None, max_shard_size, progress, checksums)
-            result.files.extend(f"{entry.name}/{f}" for f in r.files)
-            result.total_bytes += r.total_bytes
-            result.num_shards += r.num_shards
-        elif entry.is_dir():
-            shutil.copytree(entry, target, dirs_exist_ok=True)
-        elif entry.is_file():
-            shutil.copy2(entry, target)
-            result.files.append(entry.name)
+    # The whole pipeline folder is staged and swapped in at once (see quantsave.commit).
+    with staged_directory(dst, fsync=fsync_enabled()) as stage:
+        for entry in sorted(src.iterdir()):
+            target = stage / entry.name
+            if entry.name in configs:
+                r = _convert_model(entry, target, configs[entry.name], None, max_shard_size, progress, checksums)
+                result.files.extend(f"{entry.name}/{f}" for f in r.files)
+                result.total_bytes += r.total_bytes
+                result.num_shards += r.num_shards
+                continue
+            # Copied as it is, replacing what an earlier conversion left (links to the old
+            # folder's files are removed first, never written through).
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif os.path.lexists(target):
+                target.unlink()
+            if entry.is_dir():
+                shutil.copytree(entry, target)
+            elif entry.is_file():
+                shutil.copy2(entry, target)
+                result.files.append(entry.name)
     result.seconds = time.perf_counter() - t0
     return result
 
