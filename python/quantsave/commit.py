@@ -121,10 +121,30 @@ def _link_tree(src: Path, dst: Path, seen: set[str], prefix: str = "") -> None:
                 shutil.copy2(entry, target)
 
 
+def _mount_points() -> list[str] | None:
+    """Every mount point of this process (Linux ``/proc/self/mountinfo``, bind mounts included),
+    or None where the system does not list them."""
+    try:
+        text = Path("/proc/self/mountinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    points = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) > 4:
+            # Octal escapes (\040 for a space) as the kernel writes them.
+            points.append(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]))
+    return points
+
+
 def _holds_mount(folder: Path) -> bool:
     """Whether ``folder`` is, or contains, a mount point (which renames cannot move)."""
     if os.path.ismount(folder):
         return True
+    points = _mount_points()
+    if points is not None:
+        real = os.path.realpath(folder)
+        return any(p == real or p.startswith(real.rstrip("/") + "/") for p in points)
     for root, dirs, _files in os.walk(folder):
         for d in dirs:
             p = os.path.join(root, d)
