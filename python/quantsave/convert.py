@@ -41,7 +41,7 @@ from quantsave.families import DIFFUSERS, TRANSFORMERS, Family, dump_json, famil
 from quantsave.load import build_skeleton, find_weights, read_config
 from quantsave.quantize import bnb_targets
 from quantsave.quantizers.bnb import BitsAndBytesQuantizer
-from quantsave.save import SaveResult, _parse_shard_size, _remove_stale, fsync_enabled, write_checksums
+from quantsave.save import SaveResult, _parse_shard_size, finish_checkpoint, fsync_enabled, write_checksums
 
 __all__ = ["convert"]
 
@@ -472,19 +472,11 @@ def _write(
         if checksums:
             hashes = dict(zip(file_names, _core.sha256_files([str(stage / f) for f in file_names])))
         write_checksums(stage, hashes, result)
-        index_name = _core.index_file_name(weights_name, None)
-        if len(shards) > 1:
-            weight_map = {k: file_names[s] for k, s in shard_of.items()}
-            index_meta: dict[str, Any] = {"total_size": total_size}
-            if family is TRANSFORMERS:
-                index_meta["total_parameters"] = out.parameters
-            text = _core.render_index_json(dump_json(index_meta), weight_map)
-            _core.write_bytes_atomic(stage / index_name, text.encode(), fsync=fsync_enabled())
-            result.files.append(index_name)
-        for name, text in json_files.items():
-            _core.write_bytes_atomic(stage / name, text.encode(), fsync=fsync_enabled())
-            result.files.append(name)
-        _remove_stale(stage, weights_name, None, set(file_names), len(shards) > 1, index_name)
+        index_meta: dict[str, Any] = {"total_size": total_size}
+        if family is TRANSFORMERS:
+            index_meta["total_parameters"] = out.parameters
+        weight_map = {k: file_names[s] for k, s in shard_of.items()}
+        finish_checkpoint(stage, result, file_names, weight_map, index_meta, json_files, weights_name, None)
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -32,7 +32,7 @@ from quantsave.quantizers.base import Quantizer
 from quantsave.quantizers.registry import detect_quantizer, get_quantizer
 from quantsave.tensors import byte_view, dtype_name, is_wrapper_subclass, subclass_nbytes
 
-__all__ = ["SaveResult", "save_model", "check_file_name", "fsync_enabled", "resolve_quantizer", "write_checksums"]
+__all__ = ["SaveResult", "save_model", "check_file_name", "fsync_enabled", "finish_checkpoint", "resolve_quantizer", "write_checksums"]
 
 _SHARD_RE = re.compile(r"(.*?)-\d{5}-of-\d{5}")
 #: Host bytes gathered per write call for tensors that live on an accelerator.
@@ -360,18 +360,35 @@ def _write_files(
     if checksums and not safe_serialization:
         hashes.update(zip(file_names, _core.sha256_files([str(directory / f) for f in file_names])))
     write_checksums(directory, hashes if checksums else None, result)
+    weight_map = {keys[i]: fname for idx, fname in zip(shards, file_names) for i in idx}
+    finish_checkpoint(
+        directory, result, file_names, weight_map, {"total_size": total_size, **index_meta_extra}, json_files,
+        weights_name, variant,
+    )
 
+
+def finish_checkpoint(
+    directory: Path,
+    result: SaveResult,
+    file_names: list[str],
+    weight_map: dict[str, str],
+    index_meta: dict[str, Any],
+    json_files: dict[str, str],
+    weights_name: str,
+    variant: str | None,
+) -> None:
+    """After the shards: the index (when sharded), the config files, and removal of what an
+    earlier save left that this one replaced."""
+    sharded = len(file_names) > 1
     index_name = _core.index_file_name(weights_name, variant)
-    if len(shards) > 1:
-        weight_map = {keys[i]: fname for idx, fname in zip(shards, file_names) for i in idx}
-        index_meta: dict[str, Any] = {"total_size": total_size, **index_meta_extra}
+    if sharded:
         text = _core.render_index_json(dump_json(index_meta), weight_map)
         _core.write_bytes_atomic(directory / index_name, text.encode(), fsync=fsync_enabled())
         result.files.append(index_name)
     for name, text in json_files.items():
         _core.write_bytes_atomic(directory / name, text.encode(), fsync=fsync_enabled())
         result.files.append(name)
-    _remove_stale(directory, weights_name, variant, set(file_names), len(shards) > 1, index_name)
+    _remove_stale(directory, weights_name, variant, set(file_names), sharded, index_name)
 
 
 def _write_safetensors(
