@@ -95,6 +95,20 @@ fn parse_dtype(s: &str) -> PyResult<Dtype> {
     s.parse().map_err(|e: String| PyValueError::new_err(e))
 }
 
+/// Header specs from Python's `(name, dtype name, shape)` triples.
+fn tensor_specs(tensors: Vec<(String, String, Vec<u64>)>) -> PyResult<Vec<st::TensorSpec>> {
+    tensors
+        .into_iter()
+        .map(|(name, dtype, shape)| {
+            Ok(st::TensorSpec {
+                name,
+                dtype: parse_dtype(&dtype)?,
+                shape,
+            })
+        })
+        .collect()
+}
+
 /// One tensor as handed over by Python: name, dtype name, shape, a uint8 buffer of its bytes.
 type PyTensor = (String, String, Vec<u64>, PyBuffer<u8>);
 
@@ -328,16 +342,7 @@ impl StreamWriter {
         tensors: Vec<(String, String, Vec<u64>)>,
         metadata: Option<BTreeMap<String, String>>,
     ) -> PyResult<Self> {
-        let specs = tensors
-            .into_iter()
-            .map(|(name, dtype, shape)| {
-                Ok(st::TensorSpec {
-                    name,
-                    dtype: parse_dtype(&dtype)?,
-                    shape,
-                })
-            })
-            .collect::<PyResult<Vec<_>>>()?;
+        let specs = tensor_specs(tensors)?;
         let inner = st::StreamWriter::create(&path, &specs, metadata.as_ref()).map_err(to_py)?;
         Ok(StreamWriter { inner: Some(inner) })
     }
@@ -710,16 +715,7 @@ impl Conversion {
         let shards = shards
             .into_iter()
             .map(|(path, tensors, metadata)| {
-                let tensors = tensors
-                    .into_iter()
-                    .map(|(name, dtype, shape)| {
-                        Ok(st::TensorSpec {
-                            name,
-                            dtype: parse_dtype(&dtype)?,
-                            shape,
-                        })
-                    })
-                    .collect::<PyResult<_>>()?;
+                let tensors = tensor_specs(tensors)?;
                 Ok(crate::convert::ShardOut {
                     path,
                     tensors,

@@ -44,6 +44,19 @@ def llama_ids() -> torch.Tensor:
     return torch.tensor([[1, 5, 9, 33, 64, 2]])
 
 
+#: A tiny diffusers UNet2DModel with attention blocks (Linear layers to quantize).
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=1,
+    block_out_channels=(32, 32),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=8,
+)
+
+
 def sd3_kwargs() -> dict:
     return dict(
         sample_size=8,

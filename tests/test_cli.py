@@ -298,11 +298,9 @@ def test_convert_command_pipeline_components(tmp_path) -> None:  # type: ignore[
             self.register_modules(first=first, second=second, scheduler=scheduler)
 
     torch.manual_seed(0)
-    kw = dict(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 32), norm_num_groups=8,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    )
-    Pipe(diffusers.UNet2DModel(**kw), diffusers.UNet2DModel(**kw), diffusers.DDPMScheduler()).save_pretrained(tmp_path / "src")
+    from conftest import TINY_UNET
+
+    Pipe(diffusers.UNet2DModel(**TINY_UNET), diffusers.UNet2DModel(**TINY_UNET), diffusers.DDPMScheduler()).save_pretrained(tmp_path / "src")
     proc = subprocess.run(
         [sys.executable, "-m", "quantsave", "convert", str(tmp_path / "src"), str(tmp_path / "out"),
          "--quant", "int8", "--components", "second", "--quiet"],

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import quantsave as qs
-from conftest import files_equal
+from conftest import TINY_UNET, files_equal
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -28,16 +28,7 @@ class TinyPipeline(diffusers.DiffusionPipeline):  # type: ignore[misc,name-defin
 
 def _pipe() -> TinyPipeline:
     torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(32, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    )
+    unet = diffusers.UNet2DModel(**TINY_UNET)
     config = transformers.CLIPTextConfig(
         vocab_size=100,
         hidden_size=32,
