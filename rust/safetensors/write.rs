@@ -7,7 +7,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
@@ -95,9 +95,10 @@ pub fn write_shards(shards: &[ShardSpec<'_>], opts: &WriteOptions) -> Result<Vec
         .collect())
 }
 
-/// [`write_shards`], also returning the sha256 (lowercase hex) of every file written. With the
-/// default strategy each chunk is hashed while it is being written (`rayon::join`), so the
-/// hash costs little time over the write; files are hashed before they are committed.
+/// [`write_shards`], also returning the sha256 (lowercase hex) of every file written. The bytes
+/// are hashed from memory by their own threads while the writers copy and fsync them, so the
+/// hash hides behind the writes wherever a core is free; files are hashed before they are
+/// committed.
 pub fn write_shards_hashed(
     shards: &[ShardSpec<'_>],
     opts: &WriteOptions,
@@ -137,19 +138,28 @@ fn write_shards_impl(
         }
         files.push(file);
     }
-    let hashes: Vec<Option<String>> = match opts.strategy {
-        WriteStrategy::Write => write_sequential(shards, &layouts, &files, hash, opts.fsync)?,
-        WriteStrategy::Pwrite => {
-            write_pwrite(shards, &layouts, &files, opts.chunk_size)?;
-            hash_after(shards, &layouts, hash)
+    // Hashing threads read the callers' memory while the writers run: neither waits for the
+    // other, so the hash overlaps the copies into the page cache and, above all, the fsyncs.
+    let cancel = AtomicBool::new(false);
+    let next = AtomicUsize::new(0);
+    let hashes: Vec<Option<String>> = std::thread::scope(|scope| -> Result<_> {
+        let hashers = hash.then(|| spawn_hashers(scope, shards, &layouts, &next, &cancel));
+        let written = match opts.strategy {
+            WriteStrategy::Write => write_sequential(shards, &layouts, &files, opts.fsync),
+            WriteStrategy::Pwrite => write_pwrite(shards, &layouts, &files, opts.chunk_size),
+            WriteStrategy::Mmap => write_mmap(shards, &layouts, &files, opts),
+        };
+        if written.is_err() {
+            cancel.store(true, Ordering::Relaxed);
         }
-        WriteStrategy::Mmap => {
-            write_mmap(shards, &layouts, &files, opts)?;
-            hash_after(shards, &layouts, hash)
-        }
-    };
+        let hashes = match hashers {
+            Some(h) => h.join(shards.len())?,
+            None => vec![None; shards.len()],
+        };
+        written.map(|()| hashes)
+    })?;
     if opts.fsync && opts.strategy != WriteStrategy::Write {
-        // (The sequential writer fsyncs each file itself, overlapped with its hash.)
+        // (The sequential writer fsyncs each file itself, as soon as it is written.)
         files
             .par_iter()
             .zip(shards)
@@ -179,24 +189,77 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Hashes each file's bytes from memory (header, then tensors in file order).
-fn hash_after(shards: &[ShardSpec<'_>], layouts: &[Layout], hash: bool) -> Vec<Option<String>> {
+/// Threads hashing each file's bytes from memory (header, then tensors in file order), as many
+/// as there are cores or files, whichever is fewer; each takes the next file not yet taken.
+struct Hashers<'scope> {
+    threads: Vec<std::thread::ScopedJoinHandle<'scope, Vec<(usize, String)>>>,
+}
+
+fn spawn_hashers<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    shards: &'env [ShardSpec<'env>],
+    layouts: &'env [Layout],
+    next: &'env AtomicUsize,
+    cancel: &'env AtomicBool,
+) -> Hashers<'scope> {
     use sha2::Digest;
-    if !hash {
-        return vec![None; shards.len()];
-    }
-    shards
-        .par_iter()
-        .zip(layouts.par_iter())
-        .map(|(shard, lay)| {
-            let mut h = sha2::Sha256::new();
-            h.update(&lay.header);
-            for &i in &lay.order {
-                h.update(shard.tensors[i].data);
-            }
-            Some(hex(&h.finalize()))
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (0..cores.min(shards.len()).max(1))
+        .map(|_| {
+            scope.spawn(move || {
+                lower_priority();
+                let mut done = Vec::new();
+                loop {
+                    let f = next.fetch_add(1, Ordering::Relaxed);
+                    if f >= shards.len() {
+                        return done;
+                    }
+                    let (shard, lay) = (&shards[f], &layouts[f]);
+                    let mut h = sha2::Sha256::new();
+                    h.update(&lay.header);
+                    'file: for &i in &lay.order {
+                        for c in shard.tensors[i].data.chunks(4 << 20) {
+                            if cancel.load(Ordering::Relaxed) {
+                                break 'file;
+                            }
+                            h.update(c);
+                        }
+                    }
+                    done.push((f, hex(&h.finalize())));
+                }
+            })
         })
-        .collect()
+        .collect();
+    Hashers { threads }
+}
+
+/// Gives the calling thread a lower share of the CPU than the writers (nice 5, a quarter of a
+/// nice-0 thread's weight), so the writers keep the disk busy and the hash mostly fills the time
+/// they wait on it, without starving the hash when other programs load every core. Linux nice
+/// values are per thread, and the thread ends with the hash. Elsewhere a no-op.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority take no pointers; failure only leaves the priority as is.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 5);
+    }
+}
+
+impl Hashers<'_> {
+    /// Every file's digest, in file order.
+    fn join(self, files: usize) -> Result<Vec<Option<String>>> {
+        let mut out = vec![None; files];
+        for t in self.threads {
+            let done = t
+                .join()
+                .map_err(|_| Error::invalid("a hashing thread panicked"))?;
+            for (f, d) in done {
+                out[f] = Some(d);
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// The sha256 (lowercase hex) of a file's contents, read in 8 MiB pieces, each hashed while
@@ -261,69 +324,81 @@ fn write_sequential(
     shards: &[ShardSpec<'_>],
     layouts: &[Layout],
     files: &[File],
-    hash: bool,
     fsync: bool,
-) -> Result<Vec<Option<String>>> {
-    let write_one = |file: &File, shard: &ShardSpec<'_>, lay: &Layout| -> Result<Option<String>> {
+) -> Result<()> {
+    let write_one = |file: &File, shard: &ShardSpec<'_>, lay: &Layout| -> Result<()> {
         let io = |e| Error::io(&shard.path, "write", e);
-        let pieces = || {
-            std::iter::once(lay.header.as_slice())
-                .chain(lay.order.iter().map(|&i| shard.tensors[i].data))
-        };
-        let finish = |w: std::io::BufWriter<&File>| -> Result<()> {
-            let f = w.into_inner().map_err(|e| io(e.into_error()))?;
-            if fsync {
-                f.sync_all()
-                    .map_err(|e| Error::io(&shard.path, "fsync", e))?;
-            }
-            Ok(())
-        };
         let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-        if !hash {
-            for piece in pieces() {
-                w.write_all(piece).map_err(io)?;
+        let mut kick = Writeback::new(fsync);
+        let pieces = std::iter::once(lay.header.as_slice())
+            .chain(lay.order.iter().map(|&i| shard.tensors[i].data));
+        for piece in pieces {
+            for c in piece.chunks(4 << 20) {
+                w.write_all(c).map_err(io)?;
+                kick.wrote(&w, c.len());
             }
-            finish(w)?;
-            return Ok(None);
         }
-        // A hashing thread follows the writer chunk by chunk, so the hash overlaps the writes
-        // (and the fsync) instead of adding to them.
-        std::thread::scope(|scope| {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<&[u8]>(16);
-            let hasher = scope.spawn(move || {
-                use sha2::Digest;
-                let mut h = sha2::Sha256::new();
-                for c in rx {
-                    h.update(c);
-                }
-                hex(&h.finalize())
-            });
-            let written = (|| -> Result<()> {
-                for piece in pieces() {
-                    for c in piece.chunks(4 << 20) {
-                        w.write_all(c).map_err(io)?;
-                        // The hasher ends early only if it panicked; join reports that below.
-                        let _ = tx.send(c);
-                    }
-                }
-                drop(tx);
-                finish(w)
-            })();
-            let digest = hasher
-                .join()
-                .map_err(|_| Error::invalid("the hashing thread panicked"))?;
-            written.map(|()| Some(digest))
-        })
+        let f = w.into_inner().map_err(|e| io(e.into_error()))?;
+        if fsync {
+            f.sync_all()
+                .map_err(|e| Error::io(&shard.path, "fsync", e))?;
+        }
+        Ok(())
     };
     if files.len() == 1 {
         // One file gains nothing from the pool: write it on the calling thread.
-        return Ok(vec![write_one(&files[0], &shards[0], &layouts[0])?]);
+        return write_one(&files[0], &shards[0], &layouts[0]);
     }
     files
         .par_iter()
         .zip(shards.par_iter().zip(layouts.par_iter()))
-        .map(|(file, (shard, lay))| write_one(file, shard, lay))
-        .collect()
+        .try_for_each(|(file, (shard, lay))| write_one(file, shard, lay))
+}
+
+/// When the file will be fsynced, starts the writeback of what has been written so far every
+/// 32 MiB (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, which does not wait for it), so the disk
+/// works while the rest is still being copied instead of only once the fsync begins.
+struct Writeback {
+    on: bool,
+    started: u64,
+    /// Bytes handed to the buffered writer.
+    total: u64,
+}
+
+impl Writeback {
+    fn new(fsync: bool) -> Self {
+        Writeback {
+            on: fsync && cfg!(target_os = "linux"),
+            started: 0,
+            total: 0,
+        }
+    }
+
+    /// Notes `n` more bytes handed to `w` and, once 32 MiB have reached the file since the last
+    /// start, starts their writeback. A failure here is left to the fsync to report.
+    fn wrote(&mut self, w: &std::io::BufWriter<&File>, n: usize) {
+        self.total += n as u64;
+        if !self.on {
+            return;
+        }
+        let in_file = self.total - w.buffer().len() as u64;
+        if in_file - self.started >= 32 << 20 {
+            #[cfg(target_os = "linux")]
+            {
+                use std::os::fd::AsRawFd;
+                // SAFETY: a valid open descriptor and a byte range; no memory is passed.
+                unsafe {
+                    libc::sync_file_range(
+                        w.get_ref().as_raw_fd(),
+                        self.started as libc::off64_t,
+                        (in_file - self.started) as libc::off64_t,
+                        libc::SYNC_FILE_RANGE_WRITE,
+                    );
+                }
+            }
+            self.started = in_file;
+        }
+    }
 }
 
 fn write_pwrite(

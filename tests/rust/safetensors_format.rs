@@ -1552,3 +1552,39 @@ fn hashed_writes_report_each_files_sha256() {
         }
     }
 }
+
+#[test]
+fn hashed_writes_of_one_and_of_more_files_than_cores() {
+    // The hashing threads take files from a shared queue: every file gets its own digest, in
+    // file order, whether there is one file or more than there are threads.
+    let data: Vec<Vec<u8>> = (0..9u8)
+        .map(|k| {
+            (0..(1u32 << 20) + k as u32 * 4099)
+                .map(|i| (i as u8) ^ k)
+                .collect()
+        })
+        .collect();
+    for count in [1usize, 9] {
+        let dir = TempDir::new().unwrap();
+        let shards: Vec<_> = (0..count)
+            .map(|k| {
+                shard(
+                    dir.path().join(format!("s{k}.safetensors")),
+                    vec![tv("w", Dtype::U8, &[data[k].len() as u64], &data[k])],
+                    None,
+                )
+            })
+            .collect();
+        let out =
+            quantsave::safetensors::write_shards_hashed(&shards, &WriteOptions::default()).unwrap();
+        assert_eq!(out.len(), count);
+        for ((_, hash), s) in out.iter().zip(&shards) {
+            assert_eq!(*hash, sha256_hex(&fs::read(&s.path).unwrap()));
+        }
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), count, "no temporaries left: {names:?}");
+    }
+}
