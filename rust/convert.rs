@@ -141,13 +141,7 @@ impl Resolved<'_> {
             // makes later reads fault them in again from the file; no slice into the range is
             // used after this call by this chunk, and concurrent readers of neighbouring bytes
             // see the same file contents.
-            unsafe {
-                let _ = self.map.map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    lo as usize,
-                    (hi - lo) as usize,
-                );
-            }
+            unsafe { crate::sys::release_pages(&self.map.map, lo as usize, (hi - lo) as usize) }
         }
     }
 }
@@ -268,7 +262,7 @@ pub fn run(spec: &ConvertSpec, progress: &AtomicU64) -> Result<Vec<u64>> {
         .map(|p| map_file(p))
         .collect::<Result<_>>()?;
     for m in &maps {
-        let _ = m.map.advise(memmap2::Advice::Sequential);
+        crate::sys::advise_sequential(&m.map);
     }
     let infos: Vec<std::collections::HashMap<&str, &TensorInfo>> = maps
         .iter()

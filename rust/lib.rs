@@ -9,6 +9,7 @@ pub mod error;
 pub mod index;
 pub mod plan;
 pub mod safetensors;
+mod sys;
 
 #[cfg(feature = "python")]
 mod python;

@@ -49,6 +49,7 @@ fn to_py(err: Error) -> PyErr {
 static FORKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 static CHILD_POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
 
+#[cfg(unix)]
 extern "C" fn mark_forked() {
     FORKED.store(true, std::sync::atomic::Ordering::SeqCst);
 }
@@ -195,12 +196,12 @@ fn write_bytes_atomic(py: Python<'_>, path: PathBuf, data: Vec<u8>, fsync: bool)
     detached(py, || st::write_bytes_atomic(&path, &data, fsync))
 }
 
-/// Swaps two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`): afterwards each name
-/// points to what the other did. Returns False where the platform or filesystem cannot
+/// Swaps two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`, macOS
+/// `renamex_np(RENAME_SWAP)`): afterwards each name points to what the other did. Returns False where the platform or filesystem cannot
 /// exchange (the caller falls back to two renames); raises OSError for other failures.
 #[pyfunction]
 fn exchange_paths(a: PathBuf, b: PathBuf) -> PyResult<bool> {
-    #[cfg(target_os = "linux")]
+    #[cfg(any(target_os = "linux", target_os = "macos"))]
     {
         use std::ffi::CString;
         use std::os::unix::ffi::OsStrExt;
@@ -209,6 +210,7 @@ fn exchange_paths(a: PathBuf, b: PathBuf) -> PyResult<bool> {
         let cb = CString::new(b.as_os_str().as_bytes())
             .map_err(|_| PyValueError::new_err("path contains a NUL byte"))?;
         // SAFETY: both pointers are valid NUL-terminated strings for the duration of the call.
+        #[cfg(target_os = "linux")]
         let rc = unsafe {
             libc::renameat2(
                 libc::AT_FDCWD,
@@ -218,16 +220,21 @@ fn exchange_paths(a: PathBuf, b: PathBuf) -> PyResult<bool> {
                 libc::RENAME_EXCHANGE,
             )
         };
+        // SAFETY: as above.
+        #[cfg(target_os = "macos")]
+        let rc = unsafe { libc::renamex_np(ca.as_ptr(), cb.as_ptr(), libc::RENAME_SWAP) };
         if rc == 0 {
             return Ok(true);
         }
         let err = std::io::Error::last_os_error();
+        // (ENOTSUP is EOPNOTSUPP on Linux, a separate value on macOS.)
+        let cannot = [libc::EINVAL, libc::ENOSYS, libc::EOPNOTSUPP, libc::ENOTSUP];
         match err.raw_os_error() {
-            Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => Ok(false),
+            Some(code) if cannot.contains(&code) => Ok(false),
             _ => Err(to_py(Error::io(&b, "exchange", err))),
         }
     }
-    #[cfg(not(target_os = "linux"))]
+    #[cfg(not(any(target_os = "linux", target_os = "macos")))]
     {
         let _ = (a, b);
         Ok(false)
@@ -776,7 +783,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
             .build_global();
     }
     // SAFETY: `mark_forked` only stores to an atomic, which is async-signal-safe as a fork
-    // child handler must be.
+    // child handler must be. (Windows has no fork.)
+    #[cfg(unix)]
     unsafe {
         libc::pthread_atfork(None, None, Some(mark_forked));
     }

@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
@@ -207,7 +206,9 @@ fn spawn_hashers<'scope, 'env>(
     let threads = (0..cores.min(shards.len()).max(1))
         .map(|_| {
             scope.spawn(move || {
-                lower_priority();
+                // The writers keep the disk busy; the hash mostly fills the time they wait on it,
+                // without being starved when other programs load every core.
+                crate::sys::lower_thread_priority();
                 let mut done = Vec::new();
                 loop {
                     let f = next.fetch_add(1, Ordering::Relaxed);
@@ -231,19 +232,6 @@ fn spawn_hashers<'scope, 'env>(
         })
         .collect();
     Hashers { threads }
-}
-
-/// Gives the calling thread a lower share of the CPU than the writers (nice 5, a quarter of a
-/// nice-0 thread's weight), so the writers keep the disk busy and the hash mostly fills the time
-/// they wait on it, without starving the hash when other programs load every core. Linux nice
-/// values are per thread, and the thread ends with the hash. Elsewhere a no-op.
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: gettid and setpriority take no pointers; failure only leaves the priority as is.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 5);
-    }
 }
 
 impl Hashers<'_> {
@@ -368,7 +356,7 @@ struct Writeback {
 impl Writeback {
     fn new(fsync: bool) -> Self {
         Writeback {
-            on: fsync && cfg!(target_os = "linux"),
+            on: fsync,
             started: 0,
             total: 0,
         }
@@ -383,19 +371,7 @@ impl Writeback {
         }
         let in_file = self.total - w.buffer().len() as u64;
         if in_file - self.started >= 32 << 20 {
-            #[cfg(target_os = "linux")]
-            {
-                use std::os::fd::AsRawFd;
-                // SAFETY: a valid open descriptor and a byte range; no memory is passed.
-                unsafe {
-                    libc::sync_file_range(
-                        w.get_ref().as_raw_fd(),
-                        self.started as libc::off64_t,
-                        (in_file - self.started) as libc::off64_t,
-                        libc::SYNC_FILE_RANGE_WRITE,
-                    );
-                }
-            }
+            crate::sys::start_writeback(w.get_ref(), self.started, in_file - self.started);
             self.started = in_file;
         }
     }
@@ -408,8 +384,7 @@ fn write_pwrite(
     chunk: usize,
 ) -> Result<()> {
     pieces(shards, layouts, chunk).par_iter().try_for_each(|p| {
-        files[p.file]
-            .write_all_at(p.data, p.offset)
+        crate::sys::write_all_at(&files[p.file], p.data, p.offset)
             .map_err(|e| Error::io(&shards[p.file].path, "write", e))
     })
 }
@@ -467,9 +442,7 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     } else {
         dir
     };
-    File::open(d)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::io(d, "fsync", e))
+    crate::sys::sync_dir(d).map_err(|e| Error::io(d, "fsync", e))
 }
 
 /// Writes `data` to `path` through a temporary sibling and a rename.
@@ -548,9 +521,7 @@ impl StreamWriter {
             .file
             .set_len(lay.file_size)
             .map_err(|e| Error::io(path, "allocate", e))?;
-        writer
-            .file
-            .write_all_at(&lay.header, 0)
+        crate::sys::write_all_at(&writer.file, &lay.header, 0)
             .map_err(|e| Error::io(path, "write", e))?;
         Ok(writer)
     }
@@ -606,8 +577,7 @@ impl StreamWriter {
                 at.saturating_add(data.len() as u64)
             )));
         }
-        self.file
-            .write_all_at(data, self.offsets[i] + at)
+        crate::sys::write_all_at(&self.file, data, self.offsets[i] + at)
             .map_err(|e| Error::io(&self.path, "write", e))?;
         self.filled[i].fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(())
