@@ -13,9 +13,9 @@ import argparse
 import statistics
 import time
 
+import bitsandbytes.functional as F
 import torch
 
-import bitsandbytes.functional as F
 from quantsave import codec
 
 
@@ -42,17 +42,25 @@ def main() -> None:
         for qt in ("nf4", "fp4"):
             ref = median_time(lambda: F.quantize_4bit(w, blocksize=64, quant_type=qt), args.runs)
             ours = median_time(lambda: codec.quantize_4bit(w, blocksize=64, quant_type=qt), args.runs)
-            print(f"{f'quantize {qt} bf16 {size}x{size}':<34}{ref:>13.3f}s{ours:>11.3f}s{ref / ours:>8.1f}x{n / ours / 1e9:>12.2f}")
+            print(
+                f"{f'quantize {qt} bf16 {size}x{size}':<34}{ref:>13.3f}s{ours:>11.3f}s"
+                f"{ref / ours:>8.1f}x{n / ours / 1e9:>12.2f}"
+            )
             packed, state = F.quantize_4bit(w, blocksize=64, quant_type=qt)
             out = torch.empty_like(w)
             # bitsandbytes has no CPU kernel for dequantize_4bit(out=...): it allocates its result.
             ref = median_time(lambda: F.dequantize_4bit(packed, state), args.runs)
             ours = median_time(lambda: codec.dequantize_4bit(packed, state, out=out), args.runs)
-            print(f"{f'dequantize {qt} bf16 {size}x{size}':<34}{ref:>13.3f}s{ours:>11.3f}s{ref / ours:>8.1f}x{n / ours / 1e9:>12.2f}")
+            print(
+                f"{f'dequantize {qt} bf16 {size}x{size}':<34}{ref:>13.3f}s{ours:>11.3f}s"
+                f"{ref / ours:>8.1f}x{n / ours / 1e9:>12.2f}"
+            )
         w16 = w.to(torch.float16)
         ref = median_time(lambda: F.int8_vectorwise_quant(w16), args.runs)
         ours = median_time(lambda: codec.quantize_8bit(w16), args.runs)
-        print(f"{f'int8 rows f16 {size}x{size}':<34}{ref:>13.3f}s{ours:>11.3f}s{ref / ours:>8.1f}x{n / ours / 1e9:>12.2f}")
+        print(
+            f"{f'int8 rows f16 {size}x{size}':<34}{ref:>13.3f}s{ours:>11.3f}s{ref / ours:>8.1f}x{n / ours / 1e9:>12.2f}"
+        )
     print("targets: quantize >= 25x, dequantize >= 2x")
 
 

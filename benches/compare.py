@@ -28,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 CHILD = r"""
 import json, os, resource, sys, time
@@ -85,7 +84,9 @@ gb, runs, where = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 n_layers = 16
 numel = int(gb * 1e9 / 2 / n_layers)
 g = torch.Generator().manual_seed(0)
-tensors = {f"layers.{i}.weight": torch.randn(4096, numel // 4096, generator=g, dtype=torch.bfloat16) for i in range(n_layers)}
+tensors = {
+    f"layers.{i}.weight": torch.randn(4096, numel // 4096, generator=g, dtype=torch.bfloat16) for i in range(n_layers)
+}
 module = torch.nn.Module()
 for k, v in tensors.items():
     module.register_buffer(k.replace(".", "_"), v)
@@ -149,13 +150,21 @@ def main() -> None:
     for m in modes:
         print(f"{m:<18}{med[m]:>10.3f}{nbytes / 1e9 / med[m]:>8.2f}{mem[m]:>15.1f}")
     print()
-    print(f"page cache: quantsave vs safetensors.save_file  {med['safetensors'] / med['quantsave']:.2f}x (target >= 1.0)")
-    print(f"fsync:      quantsave vs raw write + fsync      {med['raw-fsync'] / med['quantsave-fsync']:.2f}x (target >= 0.9)")
+    print(
+        f"page cache: quantsave vs safetensors.save_file  {med['safetensors'] / med['quantsave']:.2f}x (target >= 1.0)"
+    )
+    print(
+        f"fsync:      quantsave vs raw write + fsync      {med['raw-fsync'] / med['quantsave-fsync']:.2f}x "
+        "(target >= 0.9)"
+    )
     print(f"extra peak memory during save: quantsave {mem['quantsave']:.1f} MB (target <= 64 MB), "
           f"safetensors {mem['safetensors']:.1f} MB")
     os.sync()
     out = subprocess.run(
-        [sys.executable, "-c", WARM, str(args.gb), str(args.runs), args.cache_dir], check=True, capture_output=True, text=True
+        [sys.executable, "-c", WARM, str(args.gb), str(args.runs), args.cache_dir],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     warm = json.loads(out.stdout.strip().splitlines()[-1])
     print(

@@ -53,7 +53,10 @@ def build(path: Path, layers: int, hidden: int) -> None:
     so this process must stay small."""
     if (path / "config.json").is_file():
         return
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import convert_compare as c; c._build({str(path)!r}, {layers}, {hidden})"
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import convert_compare as c; "
+        f"c._build({str(path)!r}, {layers}, {hidden})"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -118,7 +121,7 @@ def build_huge(path: Path, gigabytes: float) -> None:
     shards.append(current)
     names = _core.shard_file_names("model.safetensors", None, len(shards))
     weight_map, total = {}, 0
-    for fname, keys in zip(names, shards):
+    for fname, keys in zip(names, shards, strict=True):
         writer = _core.StreamWriter(str(path / fname), [(k, "BF16", shapes[k]) for k in keys], {"format": "pt"})
         for k in keys:
             n = 1
@@ -128,7 +131,10 @@ def build_huge(path: Path, gigabytes: float) -> None:
             weight_map[k] = fname
             total += 2 * n
         writer.finish(fsync=False)
-    index = {"metadata": {"total_parameters": total // 2, "total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    index = {
+        "metadata": {"total_parameters": total // 2, "total_size": total},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
     if len(shards) > 1:
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     config.save_pretrained(path)
@@ -136,7 +142,9 @@ def build_huge(path: Path, gigabytes: float) -> None:
 
 
 def run(tool: str, src: Path, dst: Path) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", CHILD, tool, str(src), str(dst)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, tool, str(src), str(dst)], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
@@ -146,15 +154,21 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "qs-convert"))
-    p.add_argument("--larger-than-ram", type=float, metavar="GB", help="convert a checkpoint of this size with quantsave alone")
+    p.add_argument(
+        "--larger-than-ram", type=float, metavar="GB", help="convert a checkpoint of this size with quantsave alone"
+    )
     args = p.parse_args()
     root = Path(args.dir)
     if args.larger_than_ram:
         src = root / f"llama-huge-{args.larger_than_ram:g}gb"
-        code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import convert_compare as c; c.build_huge(c.Path({str(src)!r}), {args.larger_than_ram})"
+        code = (
+            f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import convert_compare as c; "
+            f"c.build_huge(c.Path({str(src)!r}), {args.larger_than_ram})"
+        )
         subprocess.run([sys.executable, "-c", code], check=True)
         gb = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 1e9
-        ram = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal")) / 1e6
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        ram = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal")) / 1e6
         m = run("quantsave", src, root / "out-huge")
         out_gb = sum(f.stat().st_size for f in (root / "out-huge").glob("*.safetensors")) / 1e9
         print(f"{gb:.1f} GB bf16 checkpoint, {ram:.1f} GB RAM: quantsave nf4 in {m['seconds']:.1f} s, "
@@ -171,8 +185,14 @@ def main() -> None:
                 res[tool].append(run(tool, src, root / f"out-{tool}"))
         med = {t: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for t, rs in res.items()}
         for tool, m in med.items():
-            print(f"{f'{gb:.2f} GB bf16':<22}{tool:<14}{m['seconds']:>9.2f}{m['peak_mb'] - m['base_mb']:>14.0f}{m['base_mb']:>9.0f}")
-        print(f"  speed ratio (transformers / quantsave): {med['transformers']['seconds'] / med['quantsave']['seconds']:.1f}x")
+            print(
+                f"{f'{gb:.2f} GB bf16':<22}{tool:<14}{m['seconds']:>9.2f}"
+                f"{m['peak_mb'] - m['base_mb']:>14.0f}{m['base_mb']:>9.0f}"
+            )
+        print(
+            "  speed ratio (transformers / quantsave): "
+            f"{med['transformers']['seconds'] / med['quantsave']['seconds']:.1f}x"
+        )
     print("targets: >= 10x at ~1.5 GB, >= 15x at ~3 GB; quantsave peak grows <= 10% from 1.5 to 3 GB, < base + 0.5 GB")
 
 

@@ -20,7 +20,7 @@ use crate::plan::{self, PlanEntry};
 use crate::safetensors::{self as st, ShardSpec, TensorView, WriteOptions, WriteStrategy};
 
 create_exception!(
-    _core,
+    quantsave._core,
     CheckpointError,
     PyValueError,
     "A checkpoint file or folder is corrupt, truncated or inconsistent."

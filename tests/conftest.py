@@ -105,11 +105,11 @@ def diffusers_bnb_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def files_equal(a: Path, b: Path) -> list[str]:
     """Names of files in ``b`` whose bytes differ from (or are missing in) ``a``."""
-    out = []
-    for f in sorted(p.name for p in b.iterdir()):
-        if not (a / f).is_file() or (a / f).read_bytes() != (b / f).read_bytes():
-            out.append(f)
-    return out
+    return [
+        f
+        for f in sorted(p.name for p in b.iterdir())
+        if not (a / f).is_file() or (a / f).read_bytes() != (b / f).read_bytes()
+    ]
 
 
 def weight_owner(key: str) -> str | None:

@@ -57,7 +57,9 @@ def test_hand_built_bnb_layers(bits, tmp_path) -> None:  # type: ignore[no-untyp
     ref = nn.Linear(64, 32)
     if bits == 4:
         layer = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="fp4", compress_statistics=True)
-        layer.weight = bnb.nn.Params4bit(ref.weight.data.clone(), requires_grad=False, quant_type="fp4", compress_statistics=True)
+        layer.weight = bnb.nn.Params4bit(
+            ref.weight.data.clone(), requires_grad=False, quant_type="fp4", compress_statistics=True
+        )
     else:
         layer = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False)
         layer.weight = bnb.nn.Int8Params(ref.weight.data.clone(), requires_grad=False, has_fp16_weights=False)

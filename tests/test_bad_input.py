@@ -82,7 +82,14 @@ class Shared(nn.Module):
 
 @pytest.mark.parametrize(
     "view",
-    [lambda x: x, lambda x: x[1], lambda x: x.t(), lambda x: x[:, 2:4], lambda x: x.view(-1)[5:9], lambda x: x[::3, ::5]],
+    [
+        lambda x: x,
+        lambda x: x[1],
+        lambda x: x.t(),
+        lambda x: x[:, 2:4],
+        lambda x: x.view(-1)[5:9],
+        lambda x: x[::3, ::5],
+    ],
     ids=["same", "row", "transposed", "cols", "flat-slice", "strided"],
 )
 def test_shared_memory(view, target: Path) -> None:  # type: ignore[no-untyped-def]
@@ -161,7 +168,12 @@ def test_bad_variant(variant: str, target: Path) -> None:
 
 @pytest.mark.parametrize("weights_name", BAD_WEIGHTS_NAMES)
 def test_bad_weights_name(weights_name: str, target: Path) -> None:
-    refuses(target, ValueError, "weights_name", lambda: qs.save_quantized(nn.Linear(2, 2), target, weights_name=weights_name))
+    refuses(
+        target,
+        ValueError,
+        "weights_name",
+        lambda: qs.save_quantized(nn.Linear(2, 2), target, weights_name=weights_name),
+    )
 
 
 @pytest.mark.parametrize("size", ["abc", 0, -5, "5XB", "", "KB", "-1KB", "0KB", "1e3", "5 G B", 1.5, True, [10]])
@@ -216,7 +228,9 @@ def check_gguf_refusal(info: pytest.ExceptionInfo) -> None:
 
 @pytest.mark.parametrize("safe", [True, False])
 def test_gguf_model_refused(safe: bool, target: Path) -> None:
-    info = refuses(target, qs.NotSerializableError, None, lambda: qs.save_quantized(gguf_model(), target, safe_serialization=safe))
+    info = refuses(
+        target, qs.NotSerializableError, None, lambda: qs.save_quantized(gguf_model(), target, safe_serialization=safe)
+    )
     check_gguf_refusal(info)
 
 
@@ -230,7 +244,11 @@ def test_real_gguf_parameter_refused(target: Path) -> None:
 
 
 def _gguf_configs() -> list[Any]:
-    out: list[Any] = [qs.GGUFQuantizationConfig(), {"quant_method": "gguf"}, {"quant_method": "gguf", "compute_dtype": "bfloat16"}]
+    out: list[Any] = [
+        qs.GGUFQuantizationConfig(),
+        {"quant_method": "gguf"},
+        {"quant_method": "gguf", "compute_dtype": "bfloat16"},
+    ]
     try:
         import diffusers
 
@@ -240,15 +258,24 @@ def _gguf_configs() -> list[Any]:
     return out
 
 
-@pytest.mark.parametrize("config", _gguf_configs(), ids=lambda c: type(c).__module__.split(".")[0] + "-" + type(c).__name__)
+@pytest.mark.parametrize(
+    "config", _gguf_configs(), ids=lambda c: type(c).__module__.split(".")[0] + "-" + type(c).__name__
+)
 def test_explicit_gguf_config_refused(config, target: Path) -> None:  # type: ignore[no-untyped-def]
-    info = refuses(target, qs.NotSerializableError, None, lambda: qs.save_quantized(nn.Linear(2, 2), target, quantization_config=config))
+    info = refuses(
+        target,
+        qs.NotSerializableError,
+        None,
+        lambda: qs.save_quantized(nn.Linear(2, 2), target, quantization_config=config),
+    )
     check_gguf_refusal(info)
 
 
 @pytest.mark.parametrize("config", [{"quant_method": "awq", "bits": 4}, {"quant_method": "nonexistent"}])
 def test_unknown_quant_method(config, target: Path) -> None:  # type: ignore[no-untyped-def]
-    info = refuses(target, ValueError, None, lambda: qs.save_quantized(nn.Linear(2, 2), target, quantization_config=config))
+    info = refuses(
+        target, ValueError, None, lambda: qs.save_quantized(nn.Linear(2, 2), target, quantization_config=config)
+    )
     msg = str(info.value)
     assert config["quant_method"] in msg and "bitsandbytes" in msg and "gguf" in msg
 
@@ -264,7 +291,12 @@ def test_unknown_quant_method_in_checkpoint(tmp_path: Path) -> None:
 
 
 def test_quantization_config_wrong_type(target: Path) -> None:
-    refuses(target, ValueError, "quantization config", lambda: qs.save_quantized(nn.Linear(2, 2), target, quantization_config=42))
+    refuses(
+        target,
+        ValueError,
+        "quantization config",
+        lambda: qs.save_quantized(nn.Linear(2, 2), target, quantization_config=42),
+    )
 
 
 # --- corrupt checkpoints ----------------------------------------------------------------------
@@ -282,7 +314,9 @@ def quantized(kind: str) -> nn.Module:
         qs.quantize(model, qs.BitsAndBytesConfig(load_in_8bit=True))
     elif kind == "nf4":
         pytest.importorskip("bitsandbytes")
-        qs.quantize(model, qs.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))
+        qs.quantize(
+            model, qs.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+        )
     return model.eval()
 
 
@@ -422,7 +456,10 @@ def _mutate(key: str, header: dict) -> None:
         s, e = header[first]["data_offsets"]
         header[first]["data_offsets"] = [e, s]
     elif key == "beyond-file":
-        header[first]["data_offsets"] = [2**40, 2**40 + (header[first]["data_offsets"][1] - header[first]["data_offsets"][0])]
+        header[first]["data_offsets"] = [
+            2**40,
+            2**40 + (header[first]["data_offsets"][1] - header[first]["data_offsets"][0]),
+        ]
     elif key == "dtype-size":
         header[f32]["dtype"] = "F16"
     elif key == "dtype-unknown":
@@ -470,7 +507,9 @@ def test_duplicate_header_key(single: Path, loader) -> None:  # type: ignore[no-
     corrupt(loader, single, str(f), "duplicate")
 
 
-def _sweep(folder: Path, loader: Callable[[Path], Any], check_ok: Callable[[Any], None], bits: Callable[[int], list[int]]) -> dict[str, int]:
+def _sweep(
+    folder: Path, loader: Callable[[Path], Any], check_ok: Callable[[Any], None], bits: Callable[[int], list[int]]
+) -> dict[str, int]:
     """Flips bits in the header (length prefix included) one at a time; every load must raise
     CheckpointError or succeed and pass ``check_ok``."""
     f = folder / "model.safetensors"
@@ -551,7 +590,9 @@ def test_index_names_missing_shard(sharded: Path, loader) -> None:  # type: igno
     corrupt(loader, sharded, str(sharded / INDEX), victim.name)
 
 
-@pytest.mark.parametrize("name", ["../outside.safetensors", "/abs/outside.safetensors", "sub/x.safetensors", "..", ".", "", 7, None])
+@pytest.mark.parametrize(
+    "name", ["../outside.safetensors", "/abs/outside.safetensors", "sub/x.safetensors", "..", ".", "", 7, None]
+)
 def test_index_names_file_outside_folder(sharded: Path, loader, name) -> None:  # type: ignore[no-untyped-def]
     # A valid checkpoint file really is there, so only the name check can stop it.
     shutil.copy(first_shard(sharded), sharded.parent / "outside.safetensors")
@@ -642,7 +683,7 @@ def test_bnb_into_skeleton_of_other_shapes(kind: str, shape: tuple[int, int, int
     folder = _save(kind, tmp_path)
     a, b, c = shape
     skeleton = nn.Sequential(nn.Linear(a, b), nn.ReLU(), nn.Linear(b, c), nn.LayerNorm(8))
-    with pytest.raises(qs.CheckpointError, match="'[02]'"):
+    with pytest.raises(qs.CheckpointError, match=r"'[02]'"):
         qs.load_quantized(folder, skeleton)
 
 
@@ -651,7 +692,7 @@ def test_bnb_into_skeleton_without_that_module(kind: str, tmp_path: Path) -> Non
     folder = _save(kind, tmp_path)
     with pytest.raises(qs.CheckpointError, match="'2'"):
         qs.load_quantized(folder, nn.Sequential(nn.Linear(16, 32), nn.ReLU()))
-    with pytest.raises(qs.CheckpointError, match="Conv1d|not Linear"):
+    with pytest.raises(qs.CheckpointError, match=r"Conv1d|not Linear"):
         qs.load_quantized(folder, nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Conv1d(32, 8, 1), nn.LayerNorm(8)))
 
 

@@ -42,7 +42,9 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 def flip_weight_byte(path: Path) -> None:
     """Flips a bit inside a packed 4-bit weight: header and layout stay valid."""
     header = _core.read_header(str(path))
-    start, end = next((s, e) for name, dtype, _, s, e in header["tensors"] if name.endswith(".weight") and dtype == "U8")
+    start, end = next(
+        (s, e) for name, dtype, _, s, e in header["tensors"] if name.endswith(".weight") and dtype == "U8"
+    )
     data = bytearray(path.read_bytes())
     data[(start + end) // 2] ^= 0x40
     path.write_bytes(bytes(data))
@@ -68,7 +70,9 @@ def test_verify_and_load_catch_a_flipped_byte(tmp_path) -> None:  # type: ignore
     ok = cli("verify", str(tmp_path), "--checksums")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     x = torch.randn(2, 64)
-    loaded = qs.load_quantized(tmp_path, model().__class__(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 32)), verify=True)
+    loaded = qs.load_quantized(
+        tmp_path, model().__class__(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 32)), verify=True
+    )
     with torch.no_grad():
         assert torch.equal(loaded(x), m(x))
     shard = sorted(tmp_path.glob("*.safetensors"))[1]
@@ -102,10 +106,16 @@ def test_missing_or_bad_checksums(tmp_path) -> None:  # type: ignore[no-untyped-
     # A listed file that is gone, and a weights file that is not listed.
     (tmp_path / CHECKSUMS_NAME).write_text("0" * 64 + "  other.safetensors\n")
     out = cli("verify", str(tmp_path), "--checksums")
-    assert out.returncode == 1 and "other.safetensors" in out.stdout + out.stderr and "no checksum recorded" in out.stdout + out.stderr
+    assert (
+        out.returncode == 1
+        and "other.safetensors" in out.stdout + out.stderr
+        and "no checksum recorded" in out.stdout + out.stderr
+    )
 
 
 def test_convert_records_checksums(llama_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    result = qs.convert(llama_dir, tmp_path, qs.BitsAndBytesConfig(load_in_8bit=True), max_shard_size="100KB", checksums=True)
+    result = qs.convert(
+        llama_dir, tmp_path, qs.BitsAndBytesConfig(load_in_8bit=True), max_shard_size="100KB", checksums=True
+    )
     assert read_checksums(tmp_path) == real_hashes(tmp_path) and len(real_hashes(tmp_path)) == result.num_shards > 1
     assert cli("verify", str(tmp_path), "--checksums").returncode == 0

@@ -278,8 +278,19 @@ def test_convert_command(llama_dir, tmp_path) -> None:  # type: ignore[no-untype
     for f in ("model.safetensors", "config.json"):
         assert (out / f).read_bytes() == (tmp_path / "api" / f).read_bytes()
     bad = subprocess.run(
-        [sys.executable, "-m", "quantsave", "convert", str(tmp_path / "missing"), str(tmp_path / "x"), "--quant", "int8"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "quantsave",
+            "convert",
+            str(tmp_path / "missing"),
+            str(tmp_path / "x"),
+            "--quant",
+            "int8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "quantsave: error:" in bad.stderr
     assert not (tmp_path / "x").exists()
@@ -300,7 +311,9 @@ def test_convert_command_pipeline_components(tmp_path) -> None:  # type: ignore[
     torch.manual_seed(0)
     from conftest import TINY_UNET
 
-    Pipe(diffusers.UNet2DModel(**TINY_UNET), diffusers.UNet2DModel(**TINY_UNET), diffusers.DDPMScheduler()).save_pretrained(tmp_path / "src")
+    Pipe(
+        diffusers.UNet2DModel(**TINY_UNET), diffusers.UNet2DModel(**TINY_UNET), diffusers.DDPMScheduler()
+    ).save_pretrained(tmp_path / "src")
     proc = subprocess.run(
         [sys.executable, "-m", "quantsave", "convert", str(tmp_path / "src"), str(tmp_path / "out"),
          "--quant", "int8", "--components", "second", "--quiet"],
@@ -308,10 +321,28 @@ def test_convert_command_pipeline_components(tmp_path) -> None:  # type: ignore[
     )
     assert proc.returncode == 0 and proc.stdout == "", proc.stderr
     assert "quantization_config" in (tmp_path / "out" / "second" / "config.json").read_text()
-    for name in ("first/diffusion_pytorch_model.safetensors", "first/config.json", "model_index.json", "scheduler/scheduler_config.json"):
+    for name in (
+        "first/diffusion_pytorch_model.safetensors",
+        "first/config.json",
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+    ):
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "src" / name).read_bytes(), name
     bad = subprocess.run(
-        [sys.executable, "-m", "quantsave", "convert", str(tmp_path / "src"), str(tmp_path / "x"), "--quant", "nf4", "--components", "nope"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "quantsave",
+            "convert",
+            str(tmp_path / "src"),
+            str(tmp_path / "x"),
+            "--quant",
+            "nf4",
+            "--components",
+            "nope",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert bad.returncode == 2 and "nope" in bad.stderr and not (tmp_path / "x").exists()

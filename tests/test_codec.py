@@ -169,7 +169,10 @@ def test_thread_count_variable() -> None:
     import subprocess
     import sys
 
-    code = "import torch, quantsave.codec as c; p, _ = c.quantize_4bit(torch.randn(4096), quant_type='nf4'); print(p.numel())"
+    code = (
+        "import torch, quantsave.codec as c; "
+        "p, _ = c.quantize_4bit(torch.randn(4096), quant_type='nf4'); print(p.numel())"
+    )
     env = {**__import__("os").environ, "QUANTSAVE_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "2048"

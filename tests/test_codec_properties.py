@@ -304,7 +304,9 @@ def test_round_trip_error_within_half_gap(case, quant_type) -> None:  # type: ig
     # with its own absmax (as bitsandbytes does): its error is only bounded by that absmax.
     bound = torch.where(stored < CLAMP, stored, bound)
     worst = int((err - bound).argmax())
-    assert bool((err <= bound).all()), f"x={xs[worst].item()!r} -> {back.reshape(-1)[worst].item()!r}, absmax {stored[worst].item()!r}"
+    assert bool((err <= bound).all()), (
+        f"x={xs[worst].item()!r} -> {back.reshape(-1)[worst].item()!r}, absmax {stored[worst].item()!r}"
+    )
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
@@ -402,7 +404,7 @@ def test_zero_and_constant_blocks(data, quant_type, dtype, bs, kinds, rem, neste
     c = data.draw(_constant(dtype), label="c")
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31), label="seed"))
     parts, consts = [], []
-    for kind, length in zip(kinds, lengths):
+    for kind, length in zip(kinds, lengths, strict=True):
         if kind == "zero":  # +0.0 and -0.0 mixed
             signs = torch.randint(0, 2, (length,), generator=g).double() * 2 - 1
             block = torch.zeros(length, dtype=torch.float64) * signs
@@ -418,11 +420,11 @@ def test_zero_and_constant_blocks(data, quant_type, dtype, bs, kinds, rem, neste
     x = torch.cat(parts).to(dtype)
     n = x.numel()
 
-    packed, state, back = _assert_matches_bitsandbytes(x, bs, quant_type, nested)
+    packed, _state, back = _assert_matches_bitsandbytes(x, bs, quant_type, nested)
     codes = _nibbles(packed)
     back = back.reshape(-1)
     plain_absmax = codec.quantize_4bit(x, blocksize=bs, quant_type=quant_type)[1].absmax
-    for b, (kind, length) in enumerate(zip(kinds, lengths)):
+    for b, (kind, length) in enumerate(zip(kinds, lengths, strict=True)):
         sl = slice(b * bs, b * bs + length)
         v = consts[b]
         if kind == "zero":
@@ -443,7 +445,9 @@ def test_zero_and_constant_blocks(data, quant_type, dtype, bs, kinds, rem, neste
 
 def _subnormals(g: torch.Generator, n: int, dtype: torch.dtype) -> torch.Tensor:
     """Random subnormals of `dtype` (exponent field 0, nonzero mantissa, either sign)."""
-    mant_bits, sign = {torch.float32: (23, -(2**31)), torch.bfloat16: (7, -(2**15)), torch.float16: (10, -(2**15))}[dtype]
+    mant_bits, sign = {
+        torch.float32: (23, -(2**31)), torch.bfloat16: (7, -(2**15)), torch.float16: (10, -(2**15))
+    }[dtype]
     mant = torch.randint(1, 2**mant_bits, (n,), generator=g, dtype=torch.int64)
     neg = torch.randint(0, 2, (n,), generator=g, dtype=torch.int64).bool()
     bits = torch.where(neg, mant + sign, mant)
@@ -470,7 +474,7 @@ def test_subnormal_inputs_match_bitsandbytes(quant_type, dtype, bs, seed, normal
     mixed = block_has_normals.repeat_interleave(bs)[:n] & (torch.rand(n, generator=g) < 0.3)
     x[mixed] = torch.randn(int(mixed.sum()), generator=g).to(dtype)
     x[torch.rand(n, generator=g) < 0.05] = 0
-    packed, state, back = _assert_matches_bitsandbytes(x, bs, quant_type, nested)
+    _packed, state, back = _assert_matches_bitsandbytes(x, bs, quant_type, nested)
     if not nested:
         # Full blocks keep their exact absmax, subnormal or not (only partial blocks are clamped),
         # and nothing dequantizes beyond it.

@@ -42,7 +42,7 @@ GRID = dict(
 
 def grid() -> list[dict[str, Any]]:
     keys = list(GRID)
-    return [dict(zip(keys, values)) for values in itertools.product(*GRID.values())]
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*GRID.values())]
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -254,7 +254,9 @@ def test_pre_quantization_dtype_never_saved_diffusers(sd3_dir: Path, diffusers_b
     )
     assert model.config._pre_quantization_dtype == torch.float16
     qs.save_quantized(model, tmp_path / "qs")
-    qs.save_quantized(model, tmp_path / "qs-dict", quantization_config={"quant_method": "bitsandbytes", "load_in_8bit": True})
+    qs.save_quantized(
+        model, tmp_path / "qs-dict", quantization_config={"quant_method": "bitsandbytes", "load_in_8bit": True}
+    )
     for name in ("qs", "qs-dict"):
         cfg = json.loads((tmp_path / name / "config.json").read_text())
         assert "_pre_quantization_dtype" not in cfg
@@ -271,7 +273,11 @@ def test_plain_module_config_json(tmp_path: Path) -> None:
     qs.quantize(model, cfg)
     qs.save_quantized(model, tmp_path / "auto")
     qs.save_quantized(model, tmp_path / "dict", quantization_config=cfg.to_dict())
-    qs.save_quantized(model, tmp_path / "hf", quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=4.0))
+    qs.save_quantized(
+        model,
+        tmp_path / "hf",
+        quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=4.0),
+    )
     text = (tmp_path / "auto" / "config.json").read_text()
     assert json.loads(text) == {"quantization_config": cfg.to_dict()}
     assert text == json.dumps({"quantization_config": cfg.to_dict()}, indent=2, sort_keys=True) + "\n"
@@ -287,8 +293,12 @@ def test_config_read_off_hand_quantized_model(tmp_path: Path) -> None:
     bnb = pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
     lin = nn.Linear(16, 8)
-    q = bnb.nn.Linear4bit(16, 8, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="fp4", device="meta")
-    q.weight = bnb.nn.Params4bit(lin.weight.detach(), requires_grad=False, compress_statistics=True, quant_type="fp4", module=q)
+    q = bnb.nn.Linear4bit(
+        16, 8, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="fp4", device="meta"
+    )
+    q.weight = bnb.nn.Params4bit(
+        lin.weight.detach(), requires_grad=False, compress_statistics=True, quant_type="fp4", module=q
+    )
     q.bias = nn.Parameter(lin.bias.detach(), requires_grad=False)
     q = q.to("cpu")
     model = nn.Sequential(q, nn.Linear(8, 4))

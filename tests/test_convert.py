@@ -46,7 +46,9 @@ def llama_sharded(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("sharded_source", [False, True])
-def test_transformers_convert_equals_quantize_on_load(name, sharded_source, llama_dir, llama_sharded, tmp_path, llama_ids) -> None:  # type: ignore[no-untyped-def]
+def test_transformers_convert_equals_quantize_on_load(  # type: ignore[no-untyped-def]
+    name, sharded_source, llama_dir, llama_sharded, tmp_path, llama_ids
+) -> None:
     src = llama_sharded if sharded_source else llama_dir
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         src, quantization_config=transformers.BitsAndBytesConfig(**CONFIGS[name]), device_map="cpu"
@@ -58,7 +60,9 @@ def test_transformers_convert_equals_quantize_on_load(name, sharded_source, llam
         # fp4 values that round to zero: quantsave sets the sign bit by bitsandbytes' CUDA rule,
         # its CPU path (which transformers used here) differently; nothing else differs.
         assert files_equal(tmp_path / "qs", tmp_path / "hf") == ["model.safetensors"]
-        assert_fp4_differs_only_in_zero_signs(tmp_path / "qs" / "model.safetensors", tmp_path / "hf" / "model.safetensors")
+        assert_fp4_differs_only_in_zero_signs(
+            tmp_path / "qs" / "model.safetensors", tmp_path / "hf" / "model.safetensors"
+        )
     else:
         assert files_equal(tmp_path / "qs", tmp_path / "hf") == []
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qs")
@@ -76,7 +80,9 @@ def test_sharded_output_and_single_file_source(llama_dir, tmp_path) -> None:  # 
     check_against_reference(tmp_path / "qs", tmp_path / "hf", "model.safetensors.index.json")
     # A lone .safetensors file with the model passed in.
     skeleton = transformers.AutoModelForCausalLM.from_config(ref.config)
-    qs.convert(llama_dir / "model.safetensors", tmp_path / "single", {"quant_method": "bitsandbytes", **qc}, model=skeleton)
+    qs.convert(
+        llama_dir / "model.safetensors", tmp_path / "single", {"quant_method": "bitsandbytes", **qc}, model=skeleton
+    )
     assert (tmp_path / "single" / "model.safetensors").is_file()
 
 

@@ -42,7 +42,9 @@ def pipe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
     )
     path = tmp_path_factory.mktemp("pipe-float")
-    TinyPipeline(unet.eval(), transformers.CLIPTextModel(config).eval(), diffusers.DDPMScheduler()).save_pretrained(path)
+    TinyPipeline(
+        unet.eval(), transformers.CLIPTextModel(config).eval(), diffusers.DDPMScheduler()
+    ).save_pretrained(path)
     return path
 
 
@@ -73,7 +75,7 @@ def test_pipeline_folder_converts_named_components(pipe_dir, diffusers_bnb_on_cp
     assert files_equal(tmp_path / "qs" / "scheduler", pipe_dir / "scheduler") == []
     assert (tmp_path / "qs" / "model_index.json").read_bytes() == (pipe_dir / "model_index.json").read_bytes()
     loaded = TinyPipeline.from_pretrained(tmp_path / "qs", device_map="cpu", torch_dtype=torch.float32)
-    for a, b in zip(outputs(loaded), outputs(ref)):
+    for a, b in zip(outputs(loaded), outputs(ref), strict=True):
         assert torch.equal(a, b)
 
 
@@ -165,9 +167,13 @@ def test_static_layout_spares_the_transformers_import(llama_dir, tmp_path) -> No
     cfg = json.loads((older / "config.json").read_text())
     cfg["transformers_version"] = "4.0.0"
     (older / "config.json").write_text(json.dumps(cfg))
-    layout = convert_module._static_layout(convert_module._read_source(older), qs.BitsAndBytesConfig(load_in_4bit=True), None)
+    layout = convert_module._static_layout(
+        convert_module._read_source(older), qs.BitsAndBytesConfig(load_in_4bit=True), None
+    )
     assert layout is None
-    assert convert_module._static_layout(convert_module._read_source(llama_dir), qs.BitsAndBytesConfig(load_in_4bit=True), None)
+    assert convert_module._static_layout(
+        convert_module._read_source(llama_dir), qs.BitsAndBytesConfig(load_in_4bit=True), None
+    )
 
 
 @pytest.mark.parametrize("config", [NF4, dict(load_in_8bit=True)], ids=["nf4", "int8"])
@@ -188,7 +194,9 @@ def test_static_path_with_biased_linears(tmp_path) -> None:  # type: ignore[no-u
         num_key_value_heads=2, tie_word_embeddings=False,
     )
     transformers.Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "src")
-    assert convert_module._static_layout(convert_module._read_source(tmp_path / "src"), qs.BitsAndBytesConfig(**NF4), None)
+    assert convert_module._static_layout(
+        convert_module._read_source(tmp_path / "src"), qs.BitsAndBytesConfig(**NF4), None
+    )
     for name, config in {"nf4": NF4, "int8": dict(load_in_8bit=True)}.items():
         qs.convert(tmp_path / "src", tmp_path / f"qs-{name}", qs.BitsAndBytesConfig(**config))
         ref = transformers.AutoModelForCausalLM.from_pretrained(
@@ -214,6 +222,8 @@ def test_pipeline_reconversion_replaces_the_whole_folder(pipe_dir, tmp_path) -> 
     os.link(out / "text_encoder" / "model.safetensors", keep)  # a second name for the old file
     qs.convert(pipe_dir, out, None, components={"unet": qs.BitsAndBytesConfig(load_in_8bit=True)})
     assert files_equal(out / "text_encoder", pipe_dir / "text_encoder") == []
-    assert sorted(p.name for p in (out / "text_encoder").iterdir()) == sorted(p.name for p in (pipe_dir / "text_encoder").iterdir())
+    assert sorted(p.name for p in (out / "text_encoder").iterdir()) == sorted(
+        p.name for p in (pipe_dir / "text_encoder").iterdir()
+    )
     assert keep.read_bytes() == first
     assert not [p.name for p in tmp_path.iterdir() if ".quantsave-" in p.name]

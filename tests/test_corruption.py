@@ -35,7 +35,8 @@ X = torch.randn(3, 32, generator=torch.Generator().manual_seed(5))
 def skeleton() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.LayerNorm(32)
+        nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+        nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.LayerNorm(32),
     )  # fmt: skip
 
 
@@ -148,7 +149,7 @@ def test_truncation_at_many_offsets(layout: str, copy: Callable[[str], Path]) ->
     for f in [*shards(folder), folder / "config.json", *([folder / INDEX] if layout == "sharded" else [])]:
         original = f.read_bytes()
         n = len(original)
-        cuts = set(range(0, 17)) | set(range(0, n, max(1, n // 24))) | {n - 1, n - 2, n - 8}
+        cuts = set(range(17)) | set(range(0, n, max(1, n // 24))) | {n - 1, n - 2, n - 8}
         if f.suffix == ".safetensors":
             end = header_end(original)
             cuts |= {end - 1, end, end + 1, end - 8}
@@ -352,7 +353,9 @@ def test_index_names_missing_shard(copy: Callable[[str], Path]) -> None:
     must_fail(folder, "missing shard", str(folder / INDEX), victim.name)
 
 
-@pytest.mark.parametrize("where", ["parent", "absolute", "subfolder", "directory", "too-long", "nul", "empty", "number"])
+@pytest.mark.parametrize(
+    "where", ["parent", "absolute", "subfolder", "directory", "too-long", "nul", "empty", "number"]
+)
 def test_index_names_file_outside_the_folder(where: str, copy: Callable[[str], Path]) -> None:
     folder = copy("nf4-sharded")
     # A valid shard really is there, so only the name check can stop it.
@@ -417,7 +420,9 @@ def _set_quantization_config(folder: Path, config: dict) -> None:
 
 CONFIGS = {
     "int8": qs.BitsAndBytesConfig(load_in_8bit=True).to_dict(),
-    "nf4": qs.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True).to_dict(),
+    "nf4": qs.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True
+    ).to_dict(),
     "fp4": qs.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4").to_dict(),
     "quanto": {"quant_method": "quanto", "weights_dtype": "int8"},
     "gguf": {"quant_method": "gguf"},
@@ -425,8 +430,13 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize(("tensors", "config"), [("nf4", "int8"), ("nf4", "fp4"), ("int8", "nf4"), ("nf4", "quanto"), ("nf4", "gguf"), ("nf4", "unknown")])
-def test_config_does_not_match_the_tensors(tensors: str, config: str, saved: dict[str, Path], copy: Callable[[str], Path]) -> None:
+@pytest.mark.parametrize(
+    ("tensors", "config"),
+    [("nf4", "int8"), ("nf4", "fp4"), ("int8", "nf4"), ("nf4", "quanto"), ("nf4", "gguf"), ("nf4", "unknown")],
+)
+def test_config_does_not_match_the_tensors(
+    tensors: str, config: str, saved: dict[str, Path], copy: Callable[[str], Path]
+) -> None:
     folder = copy(f"{tensors}-sharded")
     _set_quantization_config(folder, CONFIGS[config])
     # Either refused, or the tensors load as what they are (bitsandbytes reads the layout from
@@ -448,7 +458,7 @@ def test_bitsandbytes_config_must_name_the_tensors_kind(tensors: str, config: st
     otherwise instead of recording a wrong config on the loaded model."""
     folder = copy(f"{tensors}-sharded")
     _set_quantization_config(folder, CONFIGS[config])
-    with pytest.raises(qs.CheckpointError, match="config.json says bitsandbytes"):
+    with pytest.raises(qs.CheckpointError, match=r"config\.json says bitsandbytes"):
         qs.load_quantized(folder, skeleton())
 
 
@@ -459,9 +469,13 @@ def test_bitsandbytes_config_must_name_the_tensors_kind(tensors: str, config: st
 def corrupted(saved: dict[str, Path], tmp_path: Path) -> dict[str, Path]:
     edits: dict[str, tuple[str, Callable[[Path], None]]] = {
         "truncated-shard": ("nf4-sharded", lambda p: shards(p)[1].write_bytes(shards(p)[1].read_bytes()[:-5])),
-        "huge-header-length": ("nf4-single", lambda p: shards(p)[0].write_bytes(struct.pack("<Q", 2**64 - 1) + shards(p)[0].read_bytes()[8:])),
+        "huge-header-length": (
+            "nf4-single",
+            lambda p: shards(p)[0].write_bytes(struct.pack("<Q", 2**64 - 1) + shards(p)[0].read_bytes()[8:]),
+        ),
         "deep-index": ("nf4-sharded", lambda p: (p / INDEX).write_text("[" * 100_000)),
-        "long-int-index": ("nf4-sharded", lambda p: (p / INDEX).write_text('{"metadata": {"total_size": ' + "9" * 5000 + "}}")),
+        "long-int-index": ("nf4-sharded", lambda p: (p / INDEX).write_text('{"metadata": {"total_size": '
+                                                                           '' + "9" * 5000 + "}}")),
         "config-int8": ("nf4-sharded", lambda p: _set_quantization_config(p, CONFIGS["int8"])),
     }  # fmt: skip
     out = {}
@@ -474,7 +488,10 @@ def corrupted(saved: dict[str, Path], tmp_path: Path) -> dict[str, Path]:
 
 def _verify_command(path: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "quantsave", "verify", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "quantsave", "verify", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

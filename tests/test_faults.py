@@ -17,8 +17,6 @@ from torch import nn
 
 import quantsave as qs
 
-SRC = str(Path(__file__).resolve().parents[1] / "python")
-
 
 def model(seed: int, width: int = 256) -> nn.Module:
     torch.manual_seed(seed)
@@ -34,8 +32,8 @@ def siblings(folder: Path) -> list[str]:
 
 
 def run_child(code: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": SRC}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    # The child imports the same quantsave as this process (the installed one, or the source tree).
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("tool", ["save", "convert"])
@@ -137,7 +135,9 @@ def test_errno_is_kept_for_callers(tmp_path, monkeypatch) -> None:  # type: igno
     qs.save_quantized(model(1), folder)
 
     def full(*a, **k):  # type: ignore[no-untyped-def]
-        raise OSError(errno.ENOSPC, "No space left on device", str(next(tmp_path.glob(".ckpt.quantsave-*")) / "model.safetensors"))
+        raise OSError(
+            errno.ENOSPC, "No space left on device", str(next(tmp_path.glob(".ckpt.quantsave-*")) / "model.safetensors")
+        )
 
     monkeypatch.setattr(_core, "write_shards", full)
     with pytest.raises(OSError) as info:

@@ -74,7 +74,9 @@ def test_quantized_components_and_the_rest(tmp_path) -> None:  # type: ignore[no
         tmp_path / "hf" / "text_encoder" / "config.json"
     ).read_bytes()
     loaded = TinyPipeline.from_pretrained(tmp_path / "qs")
-    assert type(loaded.unet.conv_in).__name__ == "Conv2d" and "QLinear" in {type(m).__name__ for m in loaded.unet.modules()}
+    assert type(loaded.unet.conv_in).__name__ == "Conv2d" and "QLinear" in {
+        type(m).__name__ for m in loaded.unet.modules()
+    }
     assert type(loaded.text_encoder.encoder.layers[0].mlp.fc1.weight).__name__ == "Int8Tensor"
     assert isinstance(loaded.scheduler, diffusers.DDPMScheduler)
     got_unet, got_text = _outputs(loaded)
@@ -97,7 +99,11 @@ def test_per_component_configs_quantize_on_save(tmp_path) -> None:  # type: igno
     assert not (tmp_path / "qs" / "unet" / "quanto_qmap.json").exists()  # nothing quantized yet
     qs.save_quantized(pipe, tmp_path / "qs", quantization_config=mapping, max_shard_size="20KB")
     config = json.loads((tmp_path / "qs" / "unet" / "config.json").read_text())
-    assert config["quantization_config"] == {"modules_to_not_convert": None, "quant_method": "quanto", "weights_dtype": "int4"}
+    assert config["quantization_config"] == {
+        "modules_to_not_convert": None,
+        "quant_method": "quanto",
+        "weights_dtype": "int4",
+    }
     assert (tmp_path / "qs" / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
     ref = diffusers.UNet2DModel.from_pretrained(
         _save_float_unet(tmp_path), quantization_config=diffusers.QuantoConfig(weights_dtype="int4")

@@ -53,7 +53,9 @@ def weight_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".safetensors"))
 
 
-def check_matches_reference(folder: Path, state_dict: dict[str, torch.Tensor], max_shard_size, stem: str = "model") -> None:  # type: ignore[no-untyped-def]
+def check_matches_reference(  # type: ignore[no-untyped-def]
+    folder: Path, state_dict: dict[str, torch.Tensor], max_shard_size, stem: str = "model"
+) -> None:
     ref = reference(state_dict, max_shard_size, stem)
     index_name = f"{stem}.safetensors.index.json"
     assert weight_files(folder) == sorted(ref.filename_to_tensors)
@@ -122,7 +124,9 @@ def test_plain_state_dicts_match_reference(spec, max_shard_size) -> None:  # typ
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     names=st.lists(
-        st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="."), min_size=1, max_size=8).filter(
+        st.text(
+            alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="."), min_size=1, max_size=8
+        ).filter(
             lambda n: not hasattr(nn.Module(), n)  # not an attribute every module has
         ),
         min_size=2,
@@ -269,7 +273,7 @@ def weight_map_of(folder: Path) -> dict[str, str]:
     if (folder / INDEX).is_file():
         return json.loads((folder / INDEX).read_text())["weight_map"]
     state_dict, _ = qs.load_state_dict(folder)
-    return {k: "model.safetensors" for k in state_dict}
+    return dict.fromkeys(state_dict, "model.safetensors")
 
 
 @pytest.mark.parametrize("name", list(BNB_CONFIGS))

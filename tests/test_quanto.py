@@ -68,7 +68,9 @@ def _split_groups(weight_map: dict[str, str]) -> list[str]:
 
 
 def _quantize_sd3(sd3_dir: Path, wd: str):  # type: ignore[no-untyped-def]
-    return diffusers.SD3Transformer2DModel.from_pretrained(sd3_dir, quantization_config=diffusers.QuantoConfig(weights_dtype=wd))
+    return diffusers.SD3Transformer2DModel.from_pretrained(
+        sd3_dir, quantization_config=diffusers.QuantoConfig(weights_dtype=wd)
+    )
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -91,10 +93,15 @@ def test_config_from_dict_forms_and_errors() -> None:
     tf = transformers.QuantoConfig(weights="int4", modules_to_not_convert=["lm_head"])
     assert resolve_config(tf) == qs.QuantoConfig("int4", ["lm_head"])
     assert resolve_config(diffusers.QuantoConfig(weights_dtype="int2")) == qs.QuantoConfig("int2")
-    assert qs.QuantoConfig.from_dict({"quant_method": "quanto", "weights": "float8", "activations": "none"}).weights_dtype == "float8"
+    assert (
+        qs.QuantoConfig.from_dict({"quant_method": "quanto", "weights": "float8", "activations": "none"}).weights_dtype
+        == "float8"
+    )
     with pytest.raises(ValueError, match=r"unknown QuantoConfig keys \['group_size'\]; known keys: \['activations'"):
         qs.QuantoConfig.from_dict({"quant_method": "quanto", "weights_dtype": "int8", "group_size": 64})
-    with pytest.raises(ValueError, match=r"weights_dtype must be one of \['float8', 'int8', 'int4', 'int2'\], got 'int3'"):
+    with pytest.raises(
+        ValueError, match=r"weights_dtype must be one of \['float8', 'int8', 'int4', 'int2'\], got 'int3'"
+    ):
         qs.QuantoConfig.from_dict({"quant_method": "quanto", "weights_dtype": "int3"})
     with pytest.raises(ValueError, match="activations='int8': quantized activations cannot be saved"):
         qs.QuantoConfig.from_dict({"quant_method": "quanto", "weights": "int8", "activations": "int8"})
@@ -190,7 +197,14 @@ def test_int4_bf16_tinygemm_saves_standard_layout(tmp_path) -> None:  # type: ig
     assert type(model[0].weight).__name__ == "TinyGemmWeightQBitsTensor"
     qs.save_quantized(model, tmp_path / "m")
     sd, _ = qs.load_state_dict(tmp_path / "m")
-    assert sorted(sd) == ["0.bias", "0.input_scale", "0.output_scale", "0.weight._data._data", "0.weight._scale", "0.weight._shift"]
+    assert sorted(sd) == [
+        "0.bias",
+        "0.input_scale",
+        "0.output_scale",
+        "0.weight._data._data",
+        "0.weight._scale",
+        "0.weight._shift",
+    ]
     assert sd["0.weight._data._data"].shape == (128, 128) and sd["0.weight._scale"].shape == (256, 1)
     loaded = qs.load_quantized(tmp_path / "m", nn.Sequential(nn.Linear(256, 128)))
     assert type(loaded[0].weight).__name__ == "WeightQBitsTensor" and loaded[0].weight.dtype == torch.bfloat16
@@ -239,7 +253,9 @@ def test_plain_module_round_trip(wd, tmp_path) -> None:  # type: ignore[no-untyp
     expected = net(X)
     qs.save_quantized(net, tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert config == {"quantization_config": {"modules_to_not_convert": ["head"], "quant_method": "quanto", "weights_dtype": wd}}
+    assert config == {
+        "quantization_config": {"modules_to_not_convert": ["head"], "quant_method": "quanto", "weights_dtype": wd}
+    }
     qmap_text = (tmp_path / "m" / "quanto_qmap.json").read_text()
     assert qmap_text == json.dumps(quanto.quantization_map(net), indent=4)
     loaded = qs.load_quantized(tmp_path / "m", _Net())
@@ -336,7 +352,9 @@ def test_unsavable_models_are_refused_before_writing(tmp_path) -> None:  # type:
     _assert_refused(e5m2, tmp_path / "e5m2", "qfloat8_e5m2 has no diffusers/transformers weights_dtype")
 
     _assert_refused(
-        _quanto_net("int8"), tmp_path / "wrong", r"hold qint8 weights but quantization_config says weights_dtype='int4'",
+        _quanto_net("int8"),
+        tmp_path / "wrong",
+        r"hold qint8 weights but quantization_config says weights_dtype='int4'",
         quantization_config=qs.QuantoConfig("int4", ["head"]),
     )
 
@@ -364,7 +382,9 @@ def test_float_layer_sharing_a_short_name(sd3_dir, tmp_path) -> None:  # type: i
     quanto.quantize(model, weights=quanto.qint8, exclude=["pos_embed.proj", "transformer_blocks.0.attn.to_q"])
     quanto.freeze(model)
     _assert_refused(
-        model, tmp_path / "sd3", r"Linear 'transformer_blocks.0.attn.to_q' is not quantized but other layers named 'to_q' are"
+        model,
+        tmp_path / "sd3",
+        r"Linear 'transformer_blocks.0.attn.to_q' is not quantized but other layers named 'to_q' are",
     )
 
     torch.manual_seed(2)
@@ -464,8 +484,12 @@ def test_corrupted_qmap_and_qconv(tmp_path) -> None:  # type: ignore[no-untyped-
     folder = tmp_path / "qconv"
     folder.mkdir()
     safetensors_torch.save_file(q.state_dict(), folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "quanto", "weights_dtype": "int8"}}))
-    with pytest.raises(qs.CheckpointError, match=r"quantizes '0' but the model's module there is Conv2d: only quantized Linear"):
+    (folder / "config.json").write_text(
+        json.dumps({"quantization_config": {"quant_method": "quanto", "weights_dtype": "int8"}})
+    )
+    with pytest.raises(
+        qs.CheckpointError, match=r"quantizes '0' but the model's module there is Conv2d: only quantized Linear"
+    ):
         qs.load_quantized(folder, conv)
 
 

@@ -125,7 +125,11 @@ def test_several_shards_in_one_call(tmp_path: Path) -> None:
         for s in range(4)
     ]
     specs = [
-        (tmp_path / f"ours{s}.safetensors", [(k, DTYPE_TO_NAME[t.dtype], list(t.shape), byte_view(t)) for k, t in d.items()], {"format": "pt"})
+        (
+            tmp_path / f"ours{s}.safetensors",
+            [(k, DTYPE_TO_NAME[t.dtype], list(t.shape), byte_view(t)) for k, t in d.items()],
+            {"format": "pt"},
+        )
         for s, d in enumerate(shards)
     ]
     sizes = _core.write_shards(specs)
@@ -319,7 +323,9 @@ def test_misaligned_tensors_load_correctly(tmp_path: Path, pad_to: int) -> None:
     header = _core.read_header(path)
     starts = {name: start for name, _dt, _shape, start, _end in header["tensors"]}
     if pad_to == 8:
-        assert starts["f32"] % 4 and starts["f64"] % 8 and starts["i16"] % 2 and starts["c64"] % 8 and starts["bf16"] % 2
+        assert (
+            starts["f32"] % 4 and starts["f64"] % 8 and starts["i16"] % 2 and starts["c64"] % 8 and starts["bf16"] % 2
+        )
     expected = {
         "u8": torch.tensor([7], dtype=torch.uint8),
         "f32": f32,
@@ -366,7 +372,7 @@ def test_quantsave_files_load_in_safetensors(tmp_path: Path) -> None:
         with safe_open(path, framework="pt") as f:
             assert f.metadata() == {"format": "pt", "origin": "test"}
             assert set(f.keys()) == set(part)
-            for k in f.keys():
+            for k in f.keys():  # noqa: SIM118 - safe_open is not a dict; keys() is its API
                 assert raw_bytes(f.get_tensor(k)) == raw_bytes(part[k]), k
         merged.update(part)
     assert_tensors_equal(merged, dict(model.state_dict()))
@@ -378,7 +384,9 @@ def test_bnb_checkpoint_loads_in_safetensors(tmp_path: Path) -> None:
     pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 8))
-    qs.quantize(model, qs.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))
+    qs.quantize(
+        model, qs.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    )
     qs.save_quantized(model, tmp_path / "qs")
     expected = {k: v.cpu() for k, v in model.state_dict().items()}
     assert_tensors_equal(load_file(tmp_path / "qs" / "model.safetensors"), expected)

@@ -102,7 +102,9 @@ CASES = [
     # transformers fuses the experts into one parameter on load (conversion_mapping.py).
     Case("mixtral", "mixtral", "MixtralForCausalLM", {**LLM, "num_local_experts": 4}, "none"),
     # GPT-2 style Conv1D: bnb_targets refuses it, so must the static reading.
-    Case("gpt2", "gpt2", "GPT2LMHeadModel", dict(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64), "none"),
+    Case(
+        "gpt2", "gpt2", "GPT2LMHeadModel", dict(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64), "none"
+    ),
 ]
 
 

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 import quantsave as qs
-from conftest import sd3_kwargs
 
 warnings.filterwarnings("ignore", message=".*only bfloat16 is supported.*")
 torchao = pytest.importorskip("torchao")
@@ -92,13 +91,15 @@ def ao_sd3(request: pytest.FixtureRequest, sd3_dir: Path) -> tuple[str, nn.Modul
     """The tiny SD3 transformer quantized on load by diffusers (bf16: diffusers loads torchao
     checkpoints in bf16 unless told otherwise)."""
     cfg = diffusers.TorchAoConfig(AO_CONFIGS[request.param]())
-    model = diffusers.SD3Transformer2DModel.from_pretrained(sd3_dir, quantization_config=cfg, torch_dtype=torch.bfloat16)
+    model = diffusers.SD3Transformer2DModel.from_pretrained(
+        sd3_dir, quantization_config=cfg, torch_dtype=torch.bfloat16
+    )
     return request.param, model
 
 
 @pytest.mark.parametrize("shard", [None, "8KB"])
 def test_diffusers_round_trip(ao_sd3, shard, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    name, model = ao_sd3
+    _name, model = ao_sd3
     inputs = sd3_inputs_bf16()
     expected = _sample(model, inputs)
     kw = {"max_shard_size": shard} if shard else {}
@@ -120,14 +121,19 @@ def test_diffusers_round_trip(ao_sd3, shard, tmp_path) -> None:  # type: ignore[
         assert all(m == metas[0] for m in metas) and "tensor_names" in metas[0]
     # diffusers loads quantsave's folder with no quantization argument.
     reloaded = diffusers.SD3Transformer2DModel.from_pretrained(tmp_path / "qs")
-    assert reloaded.config.quantization_config.to_dict()["quant_type"] == model.config.quantization_config.to_dict()["quant_type"]
+    assert (
+        reloaded.config.quantization_config.to_dict()["quant_type"]
+        == model.config.quantization_config.to_dict()["quant_type"]
+    )
     assert type(reloaded.transformer_blocks[0].attn.to_q.weight) is type(model.transformer_blocks[0].attn.to_q.weight)
     assert torch.equal(_sample(reloaded, inputs), expected)
     # quantsave loads diffusers' folder (whose sharded form splits weights across shards).
     if shard is not None:
         assert split_weights(json.loads((tmp_path / "hf" / DIFFUSERS_INDEX).read_text())) != []
     ours_loaded = qs.load_quantized(tmp_path / "hf")
-    assert type(ours_loaded.transformer_blocks[0].attn.to_q.weight) is type(model.transformer_blocks[0].attn.to_q.weight)
+    assert type(ours_loaded.transformer_blocks[0].attn.to_q.weight) is type(
+        model.transformer_blocks[0].attn.to_q.weight
+    )
     assert torch.equal(_sample(ours_loaded, inputs), expected)
 
 
@@ -238,7 +244,9 @@ def test_hand_built_int4_tensor_round_trip(tmp_path) -> None:  # type: ignore[no
     )
     model = nn.Sequential(nn.Linear(k, n, bias=False))
     model[0].weight = nn.Parameter(w, requires_grad=False)
-    qs.save_quantized(model, tmp_path / "qs", quantization_config=qs.TorchAoConfig(aoq.Int4WeightOnlyConfig(group_size=gs)))
+    qs.save_quantized(
+        model, tmp_path / "qs", quantization_config=qs.TorchAoConfig(aoq.Int4WeightOnlyConfig(group_size=gs))
+    )
     _, ref_meta = flatten_tensor_state_dict(model.state_dict())
     header = read_safetensors(tmp_path / "qs" / "model.safetensors")[0]
     assert {k: v for k, v in header["__metadata__"].items() if k != "format"} == ref_meta
@@ -253,7 +261,9 @@ def test_hand_built_int4_tensor_round_trip(tmp_path) -> None:  # type: ignore[no
 def test_config_dicts_equal_the_references(name) -> None:  # type: ignore[no-untyped-def]
     ao = AO_CONFIGS[name]()
     ours = qs.TorchAoConfig(ao, modules_to_not_convert=["proj_out"])
-    assert ours.to_dict() == json.loads(json.dumps(diffusers.TorchAoConfig(ao, modules_to_not_convert=["proj_out"]).to_dict(), default=str))
+    assert ours.to_dict() == json.loads(
+        json.dumps(diffusers.TorchAoConfig(ao, modules_to_not_convert=["proj_out"]).to_dict(), default=str)
+    )
     assert ours.to_transformers_dict() == transformers.TorchAoConfig(ao, modules_to_not_convert=["proj_out"]).to_dict()
     # Round trips through the dict, and resolves from the libraries' config objects.
     assert qs.TorchAoConfig.from_dict(ours.to_dict()) == ours
@@ -311,9 +321,16 @@ def test_corrupt_torchao_checkpoints(tmp_path) -> None:  # type: ignore[no-untyp
         "no metadata": dict(meta={"format": "pt"}),
         "missing part": dict(drop="blocks.1._weight_scale"),
         "bad json": dict(meta={**meta, "blocks.0.weight": "{not json"}),
-        "unknown type": dict(meta={**meta, "blocks.0.weight": meta["blocks.0.weight"].replace("Int8Tensor", "EvilTensor")}),
+        "unknown type": dict(
+            meta={**meta, "blocks.0.weight": meta["blocks.0.weight"].replace("Int8Tensor", "EvilTensor")}
+        ),
         "bad names": dict(meta={**meta, "tensor_names": '{"a": 1}'}),
-        "wrong shape": dict(meta={**meta, "blocks.2.weight": meta["blocks.0.weight"].replace('"block_size": [1, 64]', '"block_size": [1, 32]')}),
+        "wrong shape": dict(
+            meta={
+                **meta,
+                "blocks.2.weight": meta["blocks.0.weight"].replace('"block_size": [1, 64]', '"block_size": [1, 32]'),
+            }
+        ),
     }
     for name, kw in cases.items():
         d = tmp_path / name.replace(" ", "-")

@@ -18,7 +18,10 @@ transformers = pytest.importorskip("transformers")
 CONFIGS = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
     "nf4-dq-bf16": dict(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
     ),
     "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
     "fp4-dq": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True),

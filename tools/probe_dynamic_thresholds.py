@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import struct
 
+import bitsandbytes.functional as F
 import numpy as np
 import torch
-import bitsandbytes.functional as F
 
 
 def to_key(x: float) -> int:
@@ -56,7 +56,7 @@ def main() -> None:
     actual = codes_of(zs)
     assert (predicted == actual).all(), int((predicted != actual).sum())
     for x in thresholds:
-        print("0x%08x" % struct.unpack("<I", struct.pack("<f", x))[0])
+        print(f"0x{struct.unpack('<I', struct.pack('<f', x))[0]:08x}")
 
 
 if __name__ == "__main__":

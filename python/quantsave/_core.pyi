@@ -1,15 +1,46 @@
 """Type stubs for the Rust extension ``quantsave._core``."""
 
+import sys
 from collections.abc import Sequence
 from os import PathLike
-from typing import Any, Literal, TypedDict, overload
+from typing import Any, Literal, TypedDict, final, overload, type_check_only
+
+__all__ = [
+    "CheckpointError",
+    "__version__",
+    "write_shards",
+    "write_bytes_atomic",
+    "plan_shards",
+    "shard_file_names",
+    "index_file_name",
+    "add_variant",
+    "parse_size",
+    "render_index_json",
+    "read_header",
+    "MappedFile",
+    "StreamWriter",
+    "Conversion",
+    "absmax_4bit",
+    "sha256_files",
+    "exchange_paths",
+    "quantize_4bit",
+    "dequantize_4bit",
+    "quantize_dynamic",
+    "dequantize_dynamic",
+    "dynamic_map",
+    "code_4bit",
+    "quantize_int8_rows",
+]
 
 __version__: str
 
 class CheckpointError(ValueError):
     """A checkpoint file or folder is corrupt, truncated or inconsistent."""
 
+@type_check_only
 class Header(TypedDict):
+    """What ``read_header`` returns (a plain dict at runtime)."""
+
     metadata: dict[str, str] | None
     tensors: list[tuple[str, str, list[int], int, int]]
     data_start: int
@@ -49,19 +80,31 @@ def parse_size(text: str) -> int: ...
 def render_index_json(metadata_json: str, weight_map: dict[str, str]) -> str: ...
 def read_header(path: str | PathLike[str]) -> Header: ...
 
+@final
 class MappedFile:
-    def __init__(self, path: str | PathLike[str]) -> None: ...
+    def __new__(cls, path: str | PathLike[str]) -> MappedFile: ...
     @property
     def header(self) -> Header: ...
     @property
     def path(self) -> str: ...
     def __len__(self) -> int: ...
-    def __buffer__(self, flags: int, /) -> memoryview: ...
+    if sys.version_info >= (3, 12):
+        def __buffer__(self, flags: int, /) -> memoryview: ...
+        def __release_buffer__(self, buffer: memoryview, /) -> None: ...
+    else:
+        # Before 3.12 the buffer protocol is a C slot with no ``__buffer__`` method; declared so
+        # that type checkers accept a MappedFile where a buffer is expected (``memoryview(...)``).
+        @type_check_only
+        def __buffer__(self, flags: int, /) -> memoryview: ...
 
+@final
 class StreamWriter:
-    def __init__(
-        self, path: str | PathLike[str], tensors: list[tuple[str, str, list[int]]], metadata: dict[str, str] | None = None
-    ) -> None: ...
+    def __new__(
+        cls,
+        path: str | PathLike[str],
+        tensors: list[tuple[str, str, list[int]]],
+        metadata: dict[str, str] | None = None,
+    ) -> StreamWriter: ...
     def write(self, name: str, data: Any) -> None: ...
     def missing(self) -> list[str]: ...
     def finish(self, *, fsync: bool = False) -> int: ...
@@ -77,21 +120,23 @@ def quantize_int8_rows(input: Any, rows: int, cols: int, q: Any, scb: Any) -> No
 
 _ConvertShard = tuple[str | PathLike[str], Sequence[tuple[str, str, Sequence[int]]], dict[str, str] | None]
 
+@final
 class Conversion:
     """A streaming conversion; ops are ``("copy", file, name, shard, out)``,
     ``("bytes", data, shard, out)``, ``("quant4", file, name, quant_type, blocksize, shard,
     packed, absmax, nested)`` with ``nested`` None or ``(offset, nested_absmax)``, and
     ``("int8", file, name, rows, cols, shard, weight, scb)``."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         sources: Sequence[str | PathLike[str]],
         shards: Sequence[_ConvertShard],
         ops: Sequence[tuple[Any, ...]],
-        chunk_elems: int = 4194304,
+        chunk_elems: int = ...,  # 4194304 (1 << 22)
         fsync: bool = False,
-    ) -> None: ...
+    ) -> Conversion: ...
     def run(self) -> list[int]: ...
     def progress(self) -> int: ...
 
-def absmax_4bit(path: str | PathLike[str], name: str, blocksize: int = 64, chunk_elems: int = 4194304) -> bytes: ...
+# chunk_elems defaults to 4194304 (1 << 22); the runtime signature shows the default as ``...``.
+def absmax_4bit(path: str | PathLike[str], name: str, blocksize: int = 64, chunk_elems: int = ...) -> bytes: ...

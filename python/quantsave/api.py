@@ -12,9 +12,9 @@ from torch import nn
 from quantsave.checksums import check_checksums
 from quantsave.config.base import QuantizationConfig
 from quantsave.errors import CheckpointError
+from quantsave.families import is_pipeline
 from quantsave.load import find_weights, load_model
 from quantsave.load import load_state_dict as _load_state_dict
-from quantsave.families import is_pipeline
 from quantsave.pipeline import save_pipeline
 from quantsave.save import SaveResult, save_model
 

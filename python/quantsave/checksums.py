@@ -56,15 +56,16 @@ def check_checksums(directory: Path, weight_files: list[Path]) -> list[str]:
         raise CheckpointError(
             f"no checksums recorded in {directory} (no {CHECKSUMS_NAME}); save with checksums=True to record them"
         )
-    problems = []
     names = {f.name for f in weight_files}
-    for name in sorted(set(recorded) - names):
-        if not (directory / name).is_file():
-            problems.append(f"{name}: listed in {CHECKSUMS_NAME} but missing")
+    problems = [
+        f"{name}: listed in {CHECKSUMS_NAME} but missing"
+        for name in sorted(set(recorded) - names)
+        if not (directory / name).is_file()
+    ]
     unlisted = sorted(names - set(recorded))
     problems += [f"{name}: no checksum recorded" for name in unlisted]
     listed = sorted(f for f in weight_files if f.name in recorded)
-    for f, found in zip(listed, _core.sha256_files([str(f) for f in listed])):
+    for f, found in zip(listed, _core.sha256_files([str(f) for f in listed]), strict=True):
         if found != recorded[f.name]:
             problems.append(f"{f.name}: sha256 {found} differs from the recorded {recorded[f.name]}")
     return problems

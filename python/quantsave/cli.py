@@ -122,7 +122,7 @@ def _print_summary(s: dict[str, Any], show_tensors: bool) -> None:
         width = max((len(t["name"]) for t in s["tensors"]), default=4)
         print(f"{'tensor':<{width}} {'dtype':<8} {'shape':<16} {'bytes':>10}  file")
         for t in s["tensors"]:
-            print(f"{t['name']:<{width}} {t['dtype']:<8} {str(t['shape']):<16} {t['bytes']:>10}  {t['file']}")
+            print(f"{t['name']:<{width}} {t['dtype']:<8} {t['shape']!s:<16} {t['bytes']:>10}  {t['file']}")
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -220,12 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", help="float checkpoint folder or .safetensors file")
     conv.add_argument("dst", help="output folder")
     conv.add_argument("--quant", choices=["nf4", "fp4", "int8"], required=True, help="quantization type")
-    conv.add_argument("--double-quant", action="store_true", help="also quantize the 4-bit absmax (nested quantization)")
+    conv.add_argument(
+        "--double-quant", action="store_true", help="also quantize the 4-bit absmax (nested quantization)"
+    )
     conv.add_argument("--max-shard-size", help="shard size, e.g. 5GB (default: the model family's)")
     conv.add_argument("--skip", nargs="+", metavar="MODULE", help="Linear modules to keep in float")
     conv.add_argument(
-        "--components", nargs="+", metavar="NAME",
-        help="pipeline folders only: the components to convert (default: every component with weights); the rest is copied",
+        "--components",
+        nargs="+",
+        metavar="NAME",
+        help="pipeline folders only: the components to convert (default: every component with weights); "
+             "the rest is copied",
     )
     conv.set_defaults(func=_convert)
 
@@ -248,8 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("directory", help="checkpoint folder")
     verify.add_argument("--variant", help="weights variant, e.g. fp16")
     verify.add_argument(
-        "--checksums", action="store_true",
-        help="also check each weights file against the sha256 recorded at save time (checksums=True); exits 2 when none were recorded",
+        "--checksums",
+        action="store_true",
+        help="also check each weights file against the sha256 recorded at save time (checksums=True); "
+             "exits 2 when none were recorded",
     )
     verify.set_defaults(func=_verify)
 

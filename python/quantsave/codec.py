@@ -140,7 +140,10 @@ def dequantize_4bit(
         if quant_state.state2 is not None:
             s2 = quant_state.state2
             raw = _core.dequantize_dynamic(
-                byte_view(_cpu_contiguous(amax)), byte_view(_cpu_contiguous(s2.absmax)), float(quant_state.offset), s2.blocksize
+                byte_view(_cpu_contiguous(amax)),
+                byte_view(_cpu_contiguous(s2.absmax)),
+                float(quant_state.offset),
+                s2.blocksize,
             )
             amax = torch.frombuffer(bytearray(raw), dtype=torch.float32)
     if dtype not in _FLOAT:

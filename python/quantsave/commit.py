@@ -40,7 +40,7 @@ try:
 except ImportError:  # not POSIX
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["staged_directory", "stale_stages"]
+__all__ = ["fsync_dir", "staged_directory", "stale_stages"]
 
 
 def _stage_name(target: Path, kind: str = "") -> str:
@@ -242,11 +242,15 @@ def _renamed(e: OSError, stage: Path, target: Path) -> OSError:
     filename = e.filename.replace(old, new) if isinstance(e.filename, str) else e.filename
     try:
         return type(e)(message) if e.errno is None else type(e)(e.errno, message, filename)
-    except Exception:  # an OSError subclass with another constructor: keep it as it is
+    except Exception:  # noqa: BLE001 - an OSError subclass with another constructor: keep it as it is
         return e
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Makes the renames inside ``path`` durable. Windows cannot open or fsync a folder (NTFS
+    journals renames itself), so there it does nothing."""
+    if os.name == "nt":
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -277,7 +281,7 @@ def _commit(stage: Path, target: Path, fsync: bool, seen: set[str]) -> None:
     if fsync:
         # The files were fsynced as they were written; make the folder entries durable too.
         for folder, _dirs, _files in os.walk(stage):
-            _fsync_dir(Path(folder))
+            fsync_dir(Path(folder))
     while True:
         if not target.exists():
             try:
@@ -306,6 +310,6 @@ def _commit(stage: Path, target: Path, fsync: bool, seen: set[str]) -> None:
         break
     if fsync:
         try:
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except OSError:
             pass  # committed already; durability of the rename is best effort here

@@ -129,7 +129,8 @@ def _bnb_config(quantization_config: Any) -> BitsAndBytesConfig:
         raise ValueError(f"convert supports bitsandbytes 4-bit and 8-bit configs, got {method!r}")
     if config.bits == 4 and config.bnb_4bit_quant_storage != torch.uint8:
         raise ValueError(
-            f"convert writes 4-bit weights with uint8 storage; got bnb_4bit_quant_storage={config.bnb_4bit_quant_storage}"
+            "convert writes 4-bit weights with uint8 storage; got "
+            f"bnb_4bit_quant_storage={config.bnb_4bit_quant_storage}"
         )
     if config.bits == 8 and config.llm_int8_has_fp16_weight:
         raise ValueError("llm_int8_has_fp16_weight=True keeps float weights; there is nothing to convert")
@@ -189,8 +190,8 @@ def _convert_model(
             model, family, quantizer.config_dict(family), dtype=_output_dtype(model, source, set(targets))
         )
     out = _plan_output(source, order, set(targets), config)
-    if layout is None and family is TRANSFORMERS:
-        out.parameters = _parameter_count(model, source, set(targets), config)  # type: ignore[arg-type]
+    if model is not None and family is TRANSFORMERS:  # built above whenever there is no static layout
+        out.parameters = _parameter_count(model, source, set(targets), config)
     return _write(source, out, family, dst, quantizer, json_files, max_shard_size, progress, checksums, t0)
 
 
@@ -271,11 +272,14 @@ def _model_order(model: nn.Module, family: Family, source: _Source) -> list[str]
         )
     missing = [k for k in expected if k not in source.tensors and k not in tied]
     if missing:
-        raise CheckpointError(f"checkpoint in {source.folder} lacks {len(missing)} weight(s) the model needs, e.g. {missing[:3]}")
+        raise CheckpointError(
+            f"checkpoint in {source.folder} lacks {len(missing)} weight(s) the model needs, e.g. {missing[:3]}"
+        )
     for k, (_, _, shape) in source.tensors.items():
         if list(expected[k].shape) != shape:
             raise CheckpointError(
-                f"checkpoint in {source.folder}: tensor {k!r} has shape {shape}, the model expects {list(expected[k].shape)}"
+                f"checkpoint in {source.folder}: tensor {k!r} has shape {shape}, "
+                f"the model expects {list(expected[k].shape)}"
             )
     # transformers does not save tied weights.
     return [k for k in expected if k in source.tensors and k not in tied]
@@ -321,7 +325,18 @@ def _nbytes(dtype: str, shape: list[int]) -> int:
     n = 1
     for s in shape:
         n *= s
-    bits = {"F64": 64, "I64": 64, "U64": 64, "F32": 32, "I32": 32, "U32": 32, "BF16": 16, "F16": 16, "I16": 16, "U16": 16}
+    bits = {
+        "F64": 64,
+        "I64": 64,
+        "U64": 64,
+        "F32": 32,
+        "I32": 32,
+        "U32": 32,
+        "BF16": 16,
+        "F16": 16,
+        "I16": 16,
+        "U16": 16,
+    }
     return n * bits.get(dtype, 8) // 8
 
 
@@ -370,7 +385,7 @@ def _plan_output(source: _Source, order: list[str], targets: set[str], config: B
 
 
 def _add_weight(out: _Output, add: Any, source: _Source, key: str, config: BitsAndBytesConfig) -> None:
-    file, _dtype, (rows, cols) = source.tensors[key]
+    _file, _dtype, (rows, cols) = source.tensors[key]
     n = rows * cols
     if config.bits == 8:
         add(key, "I8", [rows, cols])
@@ -393,7 +408,9 @@ def _add_state(out: _Output, add: Any, source: _Source, key: str, config: BitsAn
     nested = None
     offset = None
     if config.bnb_4bit_use_double_quant:
-        absmax = torch.frombuffer(bytearray(_core.absmax_4bit(source.files[file], key, _BLOCKSIZE)), dtype=torch.float32)
+        absmax = torch.frombuffer(
+            bytearray(_core.absmax_4bit(source.files[file], key, _BLOCKSIZE)), dtype=torch.float32
+        )
         offset = absmax.mean().item() if absmax.numel() else float("nan")
         nested = (offset, f"{key}.nested_absmax")
         add(f"{key}.absmax", "U8", [blocks])
@@ -440,7 +457,7 @@ def _write(
     shard_of = {keys[i]: s for s, idx in enumerate(shards) for i in idx}
     meta = {"format": "pt"}
     shard_specs = [([(keys[i], *out.specs[keys[i]]) for i in idx], meta) for idx in shards]
-    ops = []
+    ops: list[tuple[Any, ...]] = []
     for op in out.ops:
         kind = op[0]
         if kind == "copy":
@@ -461,7 +478,7 @@ def _write(
     with staged_directory(dst, fsync=fsync_enabled()) as stage:
         conversion = _core.Conversion(
             [str(f) for f in source.files],
-            [(stage / fname, *spec) for fname, spec in zip(file_names, shard_specs)],
+            [(stage / fname, *spec) for fname, spec in zip(file_names, shard_specs, strict=True)],
             ops,
             chunk_elems=_CHUNK_ELEMS,
             fsync=fsync_enabled(),
@@ -470,7 +487,7 @@ def _write(
         result.total_bytes = sum(_run(conversion, progress, total_in))
         hashes = None
         if checksums:
-            hashes = dict(zip(file_names, _core.sha256_files([str(stage / f) for f in file_names])))
+            hashes = dict(zip(file_names, _core.sha256_files([str(stage / f) for f in file_names]), strict=True))
         write_checksums(stage, hashes, result)
         index_meta: dict[str, Any] = {"total_size": total_size}
         if family is TRANSFORMERS:
@@ -481,7 +498,7 @@ def _write(
     return result
 
 
-def _run(conversion: Any, progress: bool | None, total: int) -> list[int]:
+def _run(conversion: _core.Conversion, progress: bool | None, total: int) -> list[int]:
     """Runs the conversion (without the GIL), with a byte progress bar when asked or on a TTY."""
     import sys
 
@@ -495,14 +512,15 @@ def _run(conversion: Any, progress: bool | None, total: int) -> list[int]:
         except ImportError:
             bar = None
     if bar is None:
-        return conversion.run()  # type: ignore[no-any-return]
-    outcome: dict[str, Any] = {}
+        return conversion.run()
+    sizes: list[int] = []
+    errors: list[BaseException] = []
 
     def work() -> None:
         try:
-            outcome["sizes"] = conversion.run()
-        except BaseException as e:  # re-raised in the caller's thread
-            outcome["error"] = e
+            sizes.extend(conversion.run())
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(e)
 
     thread = threading.Thread(target=work, name="quantsave-convert", daemon=True)
     thread.start()
@@ -512,9 +530,9 @@ def _run(conversion: Any, progress: bool | None, total: int) -> list[int]:
             bar.update(conversion.progress() - bar.n)
     finally:
         bar.close()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["sizes"]  # type: ignore[no-any-return]
+    if errors:
+        raise errors[0]
+    return sizes
 
 
 def _convert_pipeline(
@@ -540,10 +558,13 @@ def _convert_pipeline(
         if quantization_config is None:
             raise ValueError("pass a quantization config (or a components mapping of configs)")
         shared = _bnb_config(quantization_config)
-        configs = {name: shared for name in chosen}
+        configs = dict.fromkeys(chosen, shared)
     unknown = [n for n in configs if n not in with_weights]
     if unknown:
-        raise ValueError(f"pipeline components {unknown} are not in {str(src)!r} or have no safetensors weights; components with weights: {with_weights}")
+        raise ValueError(
+            f"pipeline components {unknown} are not in {str(src)!r} or have no safetensors weights; "
+            f"components with weights: {with_weights}"
+        )
     for name in configs:
         cfg = read_config(src / name)
         if cfg is not None and cfg.get("quantization_config") is not None:

@@ -22,7 +22,8 @@ class Block(nn.Module):
         self.down = nn.Linear(4 * hidden, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+        y: torch.Tensor = self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+        return x + y
 
 
 class TinyModel(nn.Module):
@@ -38,7 +39,8 @@ class TinyModel(nn.Module):
         x = self.embed(ids)
         for b in self.blocks:
             x = b(x)
-        return self.head(x)
+        logits: torch.Tensor = self.head(x)
+        return logits
 
 
 def _nbytes(model: nn.Module) -> int:

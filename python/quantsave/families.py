@@ -62,9 +62,10 @@ def model_config_files(
         cfg = json.loads(model.to_json_string())  # type: ignore[operator]
         files["config.json"] = dump_json(_with_quant(cfg, quant_dict))
     elif family is TRANSFORMERS:
-        config = copy.deepcopy(model.config)
+        # A transformers ``PretrainedConfig``; transformers is optional, so it stays untyped here.
+        config: Any = copy.deepcopy(model.config)
         # As transformers' save_pretrained: record the weights dtype and the architecture.
-        config.dtype = str(dtype if dtype is not None else model.dtype).split(".")[1]  # type: ignore[attr-defined]
+        config.dtype = str(dtype if dtype is not None else model.dtype).split(".")[1]
         config.architectures = [type(model).__name__.removeprefix("FSDP")]
         for attr in ("quantization_config", "_pre_quantization_dtype"):
             # The caller's dict (or none) takes the config's place; the dtype is never written.

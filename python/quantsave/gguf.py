@@ -27,16 +27,17 @@ import torch
 from torch import nn
 
 from quantsave import _core
+from quantsave.commit import fsync_dir
 from quantsave.config.gguf import GGUFQuantizationConfig
 from quantsave.errors import CheckpointError
 from quantsave.families import DIFFUSERS, PLAIN, family_of, is_pipeline, model_config_files
-from quantsave.load import _empty_weights, build_skeleton, read_config
-from quantsave.save import SaveResult, fsync_enabled
 from quantsave.gguf_reader import ALIGNMENT_KEY as _ALIGNMENT
 from quantsave.gguf_reader import MAX_DIMS as _MAX_DIMS
 from quantsave.gguf_reader import STRING as _STRING
 from quantsave.gguf_reader import TensorInfo as _TensorInfo
 from quantsave.gguf_reader import map_gguf as _map
+from quantsave.load import _empty_weights, build_skeleton, read_config
+from quantsave.save import SaveResult, fsync_enabled
 from quantsave.tensors import byte_view, is_wrapper_subclass, tensor_from_map
 
 __all__ = ["QUANTIZE_TYPES", "load_gguf", "save_gguf"]
@@ -117,7 +118,8 @@ def _plan(model: nn.Module, quant: int | None, gguf: ModuleType) -> list[_Entry]
             block, size = sizes[gguf.GGMLQuantizationType(ggml)]
             if t.dtype != torch.uint8 or t.dim() == 0 or t.shape[-1] % size:
                 raise ValueError(
-                    f"tensor {key!r} claims GGML type {qt!r} but holds {t.dtype} {list(t.shape)}, not rows of {size}-byte blocks"
+                    f"tensor {key!r} claims GGML type {qt!r} but holds {t.dtype} {list(t.shape)}, "
+                    f"not rows of {size}-byte blocks"
                 )
             entries.append(_Entry(key, t, ggml, tuple(t.shape), np.uint8, t.numel(), "raw"))
         elif is_wrapper_subclass(t):
@@ -185,11 +187,7 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
             tmp.unlink()
         raise
     if fsync:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(path.parent)
 
 
 def save_gguf(
@@ -239,7 +237,9 @@ def save_gguf(
         raise ValueError(f"expected a torch.nn.Module, got {type(model).__name__}")
     path = Path(path)
     if path.suffix != ".gguf":
-        raise ValueError(f"path {str(path)!r} must end with '.gguf' (diffusers chooses its GGUF loader by the extension)")
+        raise ValueError(
+            f"path {str(path)!r} must end with '.gguf' (diffusers chooses its GGUF loader by the extension)"
+        )
     if path.is_dir():
         raise IsADirectoryError(f"path {str(path)!r} is a directory")
     metadata = dict(metadata or {})
@@ -249,7 +249,9 @@ def save_gguf(
         if k in _RESERVED:
             raise ValueError(f"metadata key {k!r} is written by quantsave; pass architecture= for general.architecture")
     family = family_of(model)
-    arch = architecture if architecture is not None else re.sub("[^a-z0-9]", "", type(model).__name__.lower()) or "pytorch"
+    arch = (
+        architecture if architecture is not None else re.sub("[^a-z0-9]", "", type(model).__name__.lower()) or "pytorch"
+    )
     if not isinstance(arch, str) or not arch:
         raise ValueError(f"architecture must be a non-empty string, got {architecture!r}")
     entries = _plan(model, _parse_quant_type(quant_type, gguf), gguf)
@@ -309,7 +311,8 @@ def _skeleton(path: Path, kv: dict[str, tuple[int, Any]]) -> nn.Module:
             raise CheckpointError(f"invalid GGUF file {path}: {KEY_CONFIG} is not a JSON object")
     if config is None:
         raise ValueError(
-            f"{str(path)!r} records no model config and has no config.json beside it; pass the model: load_gguf(path, model)"
+            f"{str(path)!r} records no model config and has no config.json beside it; "
+            "pass the model: load_gguf(path, model)"
         )
     return build_skeleton(path.parent, config)
 
@@ -389,7 +392,8 @@ def load_gguf(
         want_shape = tuple(getattr(want, "quant_shape", want.shape))
         if info.shape != want_shape:
             raise CheckpointError(
-                f"GGUF file {path}: tensor {info.name!r} has shape {list(info.shape)}, the model expects {list(want_shape)}"
+                f"GGUF file {path}: tensor {info.name!r} has shape {list(info.shape)}, "
+                f"the model expects {list(want_shape)}"
             )
         wants_float = want.is_floating_point() or hasattr(want, "quant_type")
         if wants_float != (_PLAIN.get(info.ggml_type, "F")[0] == "F"):
@@ -414,8 +418,9 @@ def load_gguf(
     for key, param in quantized.items():
         _swap_in_gguf_linear(model, linears[key], param, dtype)
     model.load_state_dict(plain, strict=False, assign=True)
-    if callable(getattr(model, "tie_weights", None)) and hasattr(model, "config"):
-        model.tie_weights()
+    tie_weights = getattr(model, "tie_weights", None)
+    if callable(tie_weights) and hasattr(model, "config"):
+        tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta and n not in tied]
     if missing:
         raise CheckpointError(f"GGUF file {path} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")

@@ -13,6 +13,7 @@ File layout (GGUF v3, little-endian; what ``gguf.GGUFWriter`` writes)::
 
 from __future__ import annotations
 
+import itertools
 import math
 import mmap
 import os
@@ -150,18 +151,23 @@ def parse_gguf(buf: Any, path: Path, gguf: ModuleType) -> tuple[dict[str, tuple[
             raise cur.bad(f"tensor {name!r} has unknown GGML type {ggml}") from None
         numel = math.prod(shape)
         if block > 1 and (not shape or shape[-1] % block):
-            raise cur.bad(f"tensor {name!r} of type {qt.name} has rows of {shape[-1:]} values, not whole {block}-value blocks")
+            raise cur.bad(
+                f"tensor {name!r} of type {qt.name} has rows of {shape[-1:]} values, not whole {block}-value blocks"
+            )
         nbytes = numel // block * size
         if offset % alignment:
-            raise cur.bad(f"tensor {name!r} starts at data offset {offset}, not a multiple of the alignment {alignment}")
+            raise cur.bad(
+                f"tensor {name!r} starts at data offset {offset}, not a multiple of the alignment {alignment}"
+            )
         start = data_start + offset
         if start + nbytes > cur.size:
             raise cur.bad(
-                f"tensor {name!r} ({qt.name} {list(shape)}) needs bytes {start}..{start + nbytes}, the file has {cur.size}"
+                f"tensor {name!r} ({qt.name} {list(shape)}) needs bytes {start}..{start + nbytes}, "
+                f"the file has {cur.size}"
             )
         infos.append(TensorInfo(name, ggml, shape, start, nbytes))
     spans = sorted((i.start, i.start + i.nbytes, i.name) for i in infos if i.nbytes)
-    for (_, e0, a), (s1, _, b) in zip(spans, spans[1:]):
+    for (_, e0, a), (s1, _, b) in itertools.pairwise(spans):
         if s1 < e0:
             raise cur.bad(f"tensors {a!r} and {b!r} overlap")
     return kv, infos

@@ -160,7 +160,7 @@ def _count_parameters(
     counted: dict[str, int] = {}
     float_dtype: str | None = None
     how: set[str] = set()
-    for name, (dt, shape, _n, path, start, end) in tensors.items():
+    for name, (_dt, shape, _n, path, start, end) in tensors.items():
         if ".weight.quant_state.bitsandbytes__" in name:
             base = name.split(".quant_state.")[0]
             state = _quant_state(path, start, end)
@@ -226,13 +226,15 @@ def summarize(
     qconfig = config.get("quantization_config") if config else None
     tensors: dict[str, tuple[str, list[int], int, Path, int, int]] = {}
     metadata: dict[str, str] = {}
-    shards = []
+    shards: list[dict[str, object]] = []
+    disk = 0
     for path in progress(ckpt.shards):
         header = _core.read_header(path)
         metadata.update(header.get("metadata") or {})
         for name, dt, shape, start, end in header["tensors"]:
             tensors[name] = (dt, list(shape), end - start, path, start, end)
         shards.append({"file": path.name, "tensors": len(header["tensors"]), "bytes": header["file_size"]})
+        disk += header["file_size"]
     dtypes: dict[str, dict[str, int]] = {}
     for dt, _s, n, *_r in tensors.values():
         d = dtypes.setdefault(dt, {"tensors": 0, "bytes": 0})
@@ -251,7 +253,6 @@ def summarize(
         itemsize = torch.empty(0, dtype=getattr(torch, float_dtype)).element_size()
     except (AttributeError, TypeError):
         float_dtype, itemsize = "float32", 4
-    disk = sum(s["bytes"] for s in shards)
     return {
         "directory": str(directory),
         "index": ckpt.index.name if ckpt.index else None,

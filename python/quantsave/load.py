@@ -154,7 +154,8 @@ def load_checkpoint(
                 state_dict[name] = tensor_from_map(base, dtype, shape, start, end)
             except (ValueError, TypeError, RuntimeError) as e:  # no torch dtype, dims past 2**63 - 1
                 raise CheckpointError(
-                    f"invalid checkpoint file {f}: tensor {name!r} ({dtype} {list(shape)}) cannot be loaded into torch: {e}"
+                    f"invalid checkpoint file {f}: tensor {name!r} ({dtype} {list(shape)}) "
+                    f"cannot be loaded into torch: {e}"
                 ) from e
     if weight_map is not None:
         missing = [k for k in weight_map if k not in state_dict]
@@ -177,11 +178,11 @@ def _empty_weights() -> Iterator[None]:
     """Creates parameters on the meta device (buffers stay real), so a skeleton costs no memory."""
     original = nn.Module.register_parameter
 
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        p = module._parameters.get(name)
+    def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(self, name, param)
+        p = self._parameters.get(name)
         if p is not None:
-            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+            self._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
 
     nn.Module.register_parameter = register  # type: ignore[method-assign]
     try:
@@ -242,7 +243,9 @@ def load_model(
     path = Path(directory)
     state_dict, qconfig, metadata = load_checkpoint(path, variant=variant)
     if model is None:
-        model = build_skeleton(path if path.is_dir() else path.parent, read_config(path if path.is_dir() else path.parent))
+        model = build_skeleton(
+            path if path.is_dir() else path.parent, read_config(path if path.is_dir() else path.parent)
+        )
     loaded = set(state_dict)
     folder = path if path.is_dir() else path.parent
     if qconfig is None and (folder / "quanto_qmap.json").is_file():
@@ -272,15 +275,19 @@ def load_model(
     for k, t in rest.items():
         if tuple(t.shape) != tuple(expected[k].shape):
             raise CheckpointError(
-                f"checkpoint in {path}: tensor {k!r} has shape {list(t.shape)}, the model expects {list(expected[k].shape)}"
+                f"checkpoint in {path}: tensor {k!r} has shape {list(t.shape)}, "
+                f"the model expects {list(expected[k].shape)}"
             )
     model.load_state_dict(rest, strict=False, assign=True)
-    if callable(getattr(model, "tie_weights", None)) and hasattr(model, "config"):
-        model.tie_weights()
+    tie_weights = getattr(model, "tie_weights", None)
+    if callable(tie_weights) and hasattr(model, "config"):
+        tie_weights()
     missing = [k for k in model.state_dict() if k not in loaded and k not in tied]
     missing += [n for n, p in model.named_parameters() if p.is_meta and n not in tied and n not in missing]
     if missing:
-        raise CheckpointError(f"checkpoint in {path} lacks {len(missing)} weight(s) the model needs, e.g. {missing[:3]}")
+        raise CheckpointError(
+            f"checkpoint in {path} lacks {len(missing)} weight(s) the model needs, e.g. {missing[:3]}"
+        )
     if qconfig is not None:
         model._quantsave_config = qconfig  # type: ignore[assignment]
     if family_of(model) is TRANSFORMERS and getattr(model, "_weight_conversions", None) is None:

@@ -17,7 +17,7 @@ from torch import nn
 from quantsave import _core
 from quantsave.config.base import resolve_config
 from quantsave.quantizers.registry import detect_quantizer
-from quantsave.save import SaveResult, fsync_enabled, check_file_name, save_model
+from quantsave.save import SaveResult, check_file_name, fsync_enabled, save_model
 
 __all__ = ["save_pipeline", "component_configs"]
 
@@ -73,7 +73,9 @@ def _saved_components(pipe: Any) -> dict[str, Any]:
     return out
 
 
-def _own_save(component: Any, directory: Path, safe_serialization: bool, variant: str | None, max_shard_size: Any) -> None:
+def _own_save(
+    component: Any, directory: Path, safe_serialization: bool, variant: str | None, max_shard_size: Any
+) -> None:
     """``component.save_pretrained`` with the arguments it accepts, as diffusers passes them."""
     save = getattr(component, "save_pretrained", None)
     if not callable(save):
@@ -120,10 +122,14 @@ def save_pipeline(
     configs = component_configs(quantization_config)
     unknown = sorted(set(configs) - set(components))
     if unknown:
-        raise ValueError(f"quantization_config names {unknown}, which the pipeline does not have; components: {sorted(components)}")
+        raise ValueError(
+            f"quantization_config names {unknown}, which the pipeline does not have; components: {sorted(components)}"
+        )
     for name in configs:
         if not isinstance(components[name], nn.Module):
-            raise ValueError(f"component {name!r} is a {type(components[name]).__name__}, not a model; it cannot be quantized")
+            raise ValueError(
+                f"component {name!r} is a {type(components[name]).__name__}, not a model; it cannot be quantized"
+            )
     # Check every quantized component can be saved before writing anything.
     from quantsave.save import _check_serializable, resolve_quantizer
 

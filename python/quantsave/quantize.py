@@ -6,7 +6,7 @@ weights on an accelerator by bitsandbytes. torchao: torchao's ``quantize_`` on t
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -31,7 +31,9 @@ def transformers_should_convert(name: str, patterns: list[str]) -> bool:
     return not any(re.match(rf"(?:{p}){_BOUNDARY}", name) or name.endswith(p) for p in patterns)
 
 
-def bnb_targets(model: nn.Module, config: BitsAndBytesConfig, modules_to_not_convert: list[str] | None = None) -> list[str]:
+def bnb_targets(
+    model: nn.Module, config: BitsAndBytesConfig, modules_to_not_convert: list[str] | None = None
+) -> list[str]:
     """The names of the Linear layers bitsandbytes quantization replaces, in module order, by the
     rule of the model's library:
 
@@ -62,7 +64,8 @@ def bnb_targets(model: nn.Module, config: BitsAndBytesConfig, modules_to_not_con
                 continue
             if type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers"):
                 raise ValueError(
-                    f"{name!r} is a GPT-2 style Conv1D layer; quantsave quantizes nn.Linear layers only (not supported yet)"
+                    f"{name!r} is a GPT-2 style Conv1D layer; "
+                    "quantsave quantizes nn.Linear layers only (not supported yet)"
                 )
             if type(m) is nn.Linear:
                 names.append(name)
@@ -101,7 +104,9 @@ def _skipped(name: str, skip: list[str]) -> bool:
     return any(name == s or name.startswith(s + ".") or name.endswith("." + s) or s in name.split(".") for s in skip)
 
 
-def quantize(model: nn.Module, quantization_config: Any, *, modules_to_not_convert: list[str] | None = None) -> nn.Module:
+def quantize(
+    model: nn.Module, quantization_config: Any, *, modules_to_not_convert: list[str] | None = None
+) -> nn.Module:
     """Quantizes ``model`` in place and returns it.
 
     Args:
@@ -122,10 +127,13 @@ def quantize(model: nn.Module, quantization_config: Any, *, modules_to_not_conve
         return _quantize_quanto(model, config, list(modules_to_not_convert or []))
     if not isinstance(config, BitsAndBytesConfig) or config.bits == 0:
         method = config.method if config is not None else None
-        raise ValueError(f"quantize supports bitsandbytes 4-bit and 8-bit, torchao and optimum-quanto configs, got {method!r}")
+        raise ValueError(
+            f"quantize supports bitsandbytes 4-bit and 8-bit, torchao and optimum-quanto configs, got {method!r}"
+        )
     bnb = import_bnb()
     names = bnb_targets(model, config, modules_to_not_convert)
-    targets = [(name, model.get_submodule(name)) for name in names]
+    # bnb_targets lists nn.Linear layers only.
+    targets = [(name, cast(nn.Linear, model.get_submodule(name))) for name in names]
     for name, lin in targets:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -206,7 +214,9 @@ def _quantize_torchao(model: nn.Module, config: TorchAoConfig, skip: list[str]) 
         from torchao.quantization import quantize_
     except ImportError as e:
         raise ImportError("torchao quantization needs torchao: pip install 'torchao>=0.16'") from e
-    skip = _skip_list(model, skip, config.modules_to_not_convert, skip_output=not config.include_input_output_embeddings)
+    skip = _skip_list(
+        model, skip, config.modules_to_not_convert, skip_output=not config.include_input_output_embeddings
+    )
     quantize_(
         model,
         config.quant_type,

@@ -3,13 +3,14 @@ Rust writer, then config/index files and removal of stale shards of an earlier s
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -32,7 +33,18 @@ from quantsave.quantizers.base import Quantizer
 from quantsave.quantizers.registry import detect_quantizer, get_quantizer
 from quantsave.tensors import byte_view, dtype_name, is_wrapper_subclass, subclass_nbytes
 
-__all__ = ["SaveResult", "save_model", "check_file_name", "fsync_enabled", "finish_checkpoint", "resolve_quantizer", "write_checksums"]
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+__all__ = [
+    "SaveResult",
+    "save_model",
+    "check_file_name",
+    "fsync_enabled",
+    "finish_checkpoint",
+    "resolve_quantizer",
+    "write_checksums",
+]
 
 _SHARD_RE = re.compile(r"(.*?)-\d{5}-of-\d{5}")
 #: Host bytes gathered per write call for tensors that live on an accelerator.
@@ -93,6 +105,9 @@ def resolve_quantizer(model: nn.Module, quantization_config: Any) -> Quantizer |
             if not cls.is_serializable:
                 return cls(cls.config_cls())
             config = cls.config_from_model(model)
+    if config is None:
+        # Only an hf_quantizer without a quantization_config gets here.
+        raise ValueError("the model's hf_quantizer has no quantization_config")
     return get_quantizer(config)
 
 
@@ -115,12 +130,14 @@ def _transformers_state_dict(model: nn.Module, state_dict: dict[str, torch.Tenso
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
     except ImportError:
         return state_dict
-    state_dict = dict(remove_tied_weights_from_state_dict(state_dict, model))
+    # Called for models of the transformers family only.
+    hf_model = cast("PreTrainedModel", model)
+    state_dict = dict(remove_tied_weights_from_state_dict(state_dict, hf_model))
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:
         return state_dict
-    return dict(revert_weight_conversion(model, state_dict))
+    return dict(revert_weight_conversion(hf_model, state_dict))
 
 
 def _check_tensors(state_dict: dict[str, torch.Tensor]) -> list[str]:
@@ -133,7 +150,9 @@ def _check_tensors(state_dict: dict[str, torch.Tensor]) -> list[str]:
         if t.is_meta or t.device.type == "meta":
             raise ValueError(f"tensor {key!r} is on the meta device and has no data to save; load its weights first")
         if t.layout != torch.strided:
-            raise ValueError(f"tensor {key!r} has layout {t.layout}; convert sparse tensors with .to_dense() before saving")
+            raise ValueError(
+                f"tensor {key!r} has layout {t.layout}; convert sparse tensors with .to_dense() before saving"
+            )
         if is_wrapper_subclass(t):
             # A tensor subclass (torchao) in the pickle form: torch.save stores its parts.
             names.append("")
@@ -141,12 +160,12 @@ def _check_tensors(state_dict: dict[str, torch.Tensor]) -> list[str]:
         names.append(dtype_name(t.dtype, f"tensor {key!r}"))
         if t.numel():
             storage = t.untyped_storage()
-            start = t.storage_offset() * t.element_size()
+            start = int(t.storage_offset()) * t.element_size()
             end = start + _span_bytes(t)
             spans.setdefault((t.device, storage.data_ptr()), []).append((start, end, key))
     for group in spans.values():
         group.sort()
-        for (s0, e0, k0), (s1, _e1, k1) in zip(group, group[1:]):
+        for (_s0, e0, k0), (s1, _e1, k1) in itertools.pairwise(group):
             if s1 < e0:
                 raise ValueError(
                     f"tensors {k0!r} and {k1!r} share memory; safetensors stores each tensor once. "
@@ -158,11 +177,13 @@ def _check_tensors(state_dict: dict[str, torch.Tensor]) -> list[str]:
 def _span_bytes(t: torch.Tensor) -> int:
     if t.numel() == 0:
         return 0
-    last = sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    last = sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True))
     return (last + 1) * t.element_size()
 
 
-def _plan_units(keys: list[str], tensors: list[torch.Tensor], groups: dict[str, str]) -> tuple[list[int], list[int | None]]:
+def _plan_units(
+    keys: list[str], tensors: list[torch.Tensor], groups: dict[str, str]
+) -> tuple[list[int], list[int | None]]:
     """Sizes and group ids for the planner.
 
     As the reference, a tensor counts its whole storage, and tensors sharing a storage (all
@@ -181,7 +202,7 @@ def _plan_units(keys: list[str], tensors: list[torch.Tensor], groups: dict[str, 
 
     first_of: dict[Any, int] = {}
     sizes = []
-    for i, (key, t) in enumerate(zip(keys, tensors)):
+    for i, (key, t) in enumerate(zip(keys, tensors, strict=True)):
         if is_wrapper_subclass(t):
             sizes.append(subclass_nbytes(t))
             continue
@@ -307,7 +328,9 @@ def save_model(
     return result
 
 
-def _index_meta(model: nn.Module, family: Family, quantizer: Quantizer | None, safe_serialization: bool) -> dict[str, Any]:
+def _index_meta(
+    model: nn.Module, family: Family, quantizer: Quantizer | None, safe_serialization: bool
+) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     if family is TRANSFORMERS:
         meta["total_parameters"] = total_parameters(model)
@@ -342,14 +365,25 @@ def _write_files(
     try:
         if safe_serialization:
             _write_safetensors(
-                state_dict, keys, dtypes, shards, file_names, directory, header_meta, result, bar, hashes if checksums else None
+                state_dict,
+                keys,
+                dtypes,
+                shards,
+                file_names,
+                directory,
+                header_meta,
+                result,
+                bar,
+                hashes if checksums else None,
             )
         else:
-            for idx, fname in zip(shards, file_names):
+            for idx, fname in zip(shards, file_names, strict=True):
                 shard = {keys[i]: state_dict[keys[i]] for i in idx}
                 # torch.save writes in place: never through a link to the previous checkpoint's file.
                 (directory / fname).unlink(missing_ok=True)
-                torch.save({k: t if is_wrapper_subclass(t) else t.contiguous() for k, t in shard.items()}, directory / fname)
+                torch.save(
+                    {k: t if is_wrapper_subclass(t) else t.contiguous() for k, t in shard.items()}, directory / fname
+                )
                 result.total_bytes += (directory / fname).stat().st_size
                 if bar is not None:
                     bar.update(1)
@@ -358,9 +392,9 @@ def _write_files(
             bar.close()
     result.files.extend(file_names)
     if checksums and not safe_serialization:
-        hashes.update(zip(file_names, _core.sha256_files([str(directory / f) for f in file_names])))
+        hashes.update(zip(file_names, _core.sha256_files([str(directory / f) for f in file_names]), strict=True))
     write_checksums(directory, hashes if checksums else None, result)
-    weight_map = {keys[i]: fname for idx, fname in zip(shards, file_names) for i in idx}
+    weight_map = {keys[i]: fname for idx, fname in zip(shards, file_names, strict=True) for i in idx}
     finish_checkpoint(
         directory, result, file_names, weight_map, {"total_size": total_size, **index_meta_extra}, json_files,
         weights_name, variant,
@@ -414,14 +448,14 @@ def _write_safetensors(
         if batch and hashes is not None:
             written = _core.write_shards(batch, fsync=fsync_enabled(), checksums=True)
             result.total_bytes += sum(size for size, _ in written)
-            hashes.update((path.name, digest) for (path, _, _), (_, digest) in zip(batch, written))
+            hashes.update((path.name, digest) for (path, _, _), (_, digest) in zip(batch, written, strict=True))
         elif batch:
             result.total_bytes += sum(_core.write_shards(batch, fsync=fsync_enabled()))
             if bar is not None:
                 bar.update(len(batch))
         batch, batch_bytes = [], 0
 
-    for idx, fname in zip(shards, file_names):
+    for idx, fname in zip(shards, file_names, strict=True):
         tensors = []
         for i in idx:
             t = state_dict[keys[i]]

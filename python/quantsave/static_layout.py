@@ -39,6 +39,7 @@ _PARAM = ("param",)
 _BUFFER = ("buffer",)
 # ("torch", name): a torch.nn layer from _TORCH; ("class", module, name): a class transformers
 # defines; ("list", per_index | None, every): an nn.ModuleList / nn.Sequential.
+_Sym = tuple[Any, ...]  # any of these abstract values: a tag, then its fields
 
 # torch.nn layers whose state is known: (parameters in registration order, buffers).
 _TORCH: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -106,7 +107,7 @@ def _static_targets(
     bad = next((k for k in tensors if _LEGACY.search(k)), None)
     if bad is not None:
         raise _Unsure(f"{bad!r} is renamed by transformers on load")
-    root = Path(list(spec.submodule_search_locations)[0])
+    root = Path(next(iter(spec.submodule_search_locations)))
     return _Reader(root, config, model_type, archs[0], tensors).targets(skip_modules)
 
 
@@ -205,13 +206,13 @@ def _literal(node: ast.expr) -> Any:
 
 @dataclass
 class _Layout:
-    attrs: dict[str, set[tuple]] = field(default_factory=dict)
+    attrs: dict[str, set[_Sym]] = field(default_factory=dict)
     pos: dict[str, list[int]] = field(default_factory=dict)
-    appended: dict[str, set[tuple]] = field(default_factory=dict)
+    appended: dict[str, set[_Sym]] = field(default_factory=dict)
     dynamic: bool = False  # registers attributes this reading cannot name
     counter: int = 0
 
-    def add(self, name: str, types: set[tuple]) -> None:
+    def add(self, name: str, types: set[_Sym]) -> None:
         self.attrs.setdefault(name, set()).update(types)
         if types - {_NONE}:
             self.pos.setdefault(name, []).append(self.counter)
@@ -221,8 +222,8 @@ class _Layout:
 @dataclass
 class _Ctx:
     src: _Source
-    ref: tuple  # the class whose instance is being built
-    chain: list[tuple]  # its MRO
+    ref: _Sym  # the class whose instance is being built
+    chain: list[_Sym]  # its MRO
     index: int  # the MRO entry whose method runs
     self_name: str
     env: dict[str, list[ast.expr | None]]
@@ -234,9 +235,9 @@ class _Reader:
         self.folder = _folder(root, model_type)
         self.model_type = model_type
         self.module = f"transformers.models.{self.folder}.modeling_{self.folder}"
-        self.layouts: dict[tuple, _Layout] = {}
-        self.mros: dict[tuple, list[tuple]] = {}
-        self.survivors: dict[str, list[tuple]] = {}
+        self.layouts: dict[_Sym, _Layout] = {}
+        self.mros: dict[_Sym, list[_Sym]] = {}
+        self.survivors: dict[str, list[_Sym]] = {}
         self.kinds: dict[str, str] = {}
         self.names: set[str] = set()  # the checkpoint's keys as the model names them
         self.arch = ("class", self.module, arch)
@@ -254,22 +255,22 @@ class _Reader:
             return None
         return _parse(str(path), path.stat().st_mtime, module)
 
-    def ref(self, dotted: str | None) -> tuple | None:
+    def ref(self, dotted: str | None) -> _Sym | None:
         if not dotted:
             return None
         module, _, name = dotted.rpartition(".")
         src = self.source(module)
         return ("class", module, name) if src is not None and name in src.classes else None
 
-    def cls(self, ref: tuple) -> tuple[_Source, ast.ClassDef]:
+    def cls(self, ref: _Sym) -> tuple[_Source, ast.ClassDef]:
         src = self.source(ref[1])
         if src is None or ref[2] not in src.classes:
             raise _Unsure(f"lost class {ref[2]}")
         return src, src.classes[ref[2]]
 
-    def bases(self, ref: tuple) -> list[tuple]:
+    def bases(self, ref: _Sym) -> list[_Sym]:
         src, node = self.cls(ref)
-        out: list[tuple] = []
+        out: list[_Sym] = []
         for dec in node.decorator_list:
             d = _dotted(src, dec.func if isinstance(dec, ast.Call) else dec)
             if d is None or d.rpartition(".")[2] not in _DECORATORS:
@@ -291,7 +292,7 @@ class _Reader:
                 out.append(("ext", "?"))
         return out
 
-    def mro(self, ref: tuple, depth: int = 0) -> list[tuple]:
+    def mro(self, ref: _Sym, depth: int = 0) -> list[_Sym]:
         if ref in self.mros:
             return self.mros[ref]
         if depth > 30:
@@ -311,7 +312,7 @@ class _Reader:
         self.mros[ref] = out
         return out
 
-    def class_attr(self, ref: tuple, name: str) -> ast.expr | None:
+    def class_attr(self, ref: _Sym, name: str) -> ast.expr | None:
         """The value node of class attribute ``name`` (first in the MRO), None for transformers' default."""
         for e in self.mro(ref):
             if e == ("ext", "?"):
@@ -326,7 +327,7 @@ class _Reader:
                     return st.value
         return None
 
-    def method(self, ref: tuple, name: str, start: int = 0) -> tuple[int, ast.FunctionDef] | None:
+    def method(self, ref: _Sym, name: str, start: int = 0) -> tuple[int, ast.FunctionDef] | None:
         mro = self.mro(ref)
         for i in range(start, len(mro)):
             e = mro[i]
@@ -338,12 +339,12 @@ class _Reader:
                         return i, st
         return None
 
-    def is_pretrained(self, ref: tuple) -> bool:
+    def is_pretrained(self, ref: _Sym) -> bool:
         return ("ext", "PreTrainedModel") in self.mro(ref)
 
     # -- abstract execution of __init__
 
-    def layout(self, ref: tuple) -> _Layout:
+    def layout(self, ref: _Sym) -> _Layout:
         if ref not in self.layouts:
             lay = self.layouts[ref] = _Layout()
             self.run_init(lay, ref, 0, 0)
@@ -351,7 +352,7 @@ class _Reader:
                 lay.attrs[name] = {_merge_list(t, extra) for t in lay.attrs.get(name, {_UNKNOWN})}
         return self.layouts[ref]
 
-    def run_init(self, lay: _Layout, ref: tuple, start: int, depth: int) -> None:
+    def run_init(self, lay: _Layout, ref: _Sym, start: int, depth: int) -> None:
         mro = self.mro(ref)
         for i in range(start, len(mro)):
             e = mro[i]
@@ -373,7 +374,7 @@ class _Reader:
                 lay.dynamic = True
                 return
 
-    def run_method(self, lay: _Layout, ref: tuple, index: int, fn: ast.FunctionDef, depth: int) -> None:
+    def run_method(self, lay: _Layout, ref: _Sym, index: int, fn: ast.FunctionDef, depth: int) -> None:
         if depth > 8:
             raise _Unsure("__init__ calls nest too deep")
         if not fn.args.args:
@@ -445,15 +446,15 @@ class _Reader:
             return
         if isinstance(func.value, ast.Name) and func.value.id == s:
             if func.attr in ("register_buffer", "register_parameter", "add_module", "register_module"):
-                name = node.args[0] if node.args else None
-                if not (isinstance(name, ast.Constant) and isinstance(name.value, str)) or len(node.args) < 2:
+                arg0 = node.args[0] if node.args else None
+                if not (isinstance(arg0, ast.Constant) and isinstance(arg0.value, str)) or len(node.args) < 2:
                     lay.dynamic = True
                 elif func.attr == "register_buffer":
-                    lay.add(name.value, {_BUFFER})
+                    lay.add(arg0.value, {_BUFFER})
                 elif func.attr == "register_parameter":
-                    lay.add(name.value, {_NONE} if _is_none(node.args[1]) else {_PARAM})
+                    lay.add(arg0.value, {_NONE} if _is_none(node.args[1]) else {_PARAM})
                 else:
-                    lay.add(name.value, self.value(node.args[1], ctx))
+                    lay.add(arg0.value, self.value(node.args[1], ctx))
                 return
             found = self.method(ctx.ref, func.attr)
             if found is not None and func.attr != "__init__":
@@ -481,7 +482,7 @@ class _Reader:
 
     # -- what an expression builds
 
-    def value(self, expr: ast.expr, ctx: _Ctx, depth: int = 0) -> set[tuple]:
+    def value(self, expr: ast.expr, ctx: _Ctx, depth: int = 0) -> set[_Sym]:
         if depth > 6:
             return {_UNKNOWN}
         if _is_none(expr):
@@ -501,27 +502,27 @@ class _Reader:
                 return {self.auto_model(expr, ctx)}
             r = self.ref(d)
             return {r} if r is not None else {_UNKNOWN}
-        out: set[tuple] = set()
-        for d in self.callee(func, ctx, depth):
-            if d is None:
+        out: set[_Sym] = set()
+        for callee in self.callee(func, ctx, depth):
+            if callee is None:
                 out.add(_UNKNOWN)
-            elif d in ("torch.nn.ModuleList", "torch.nn.Sequential"):
-                if d.endswith("ModuleList"):
+            elif callee in ("torch.nn.ModuleList", "torch.nn.Sequential"):
+                if callee.endswith("ModuleList"):
                     out |= self.list_of(expr.args[0] if expr.args else None, ctx)
                 elif len(expr.args) == 1 and isinstance(expr.args[0], ast.Starred):
                     out |= self.list_of(expr.args[0].value, ctx)
                 else:
                     out |= self.list_of(ast.List(elts=list(expr.args), ctx=ast.Load()), ctx)
-            elif d.startswith("torch.nn.") and d.endswith(".Linear"):
+            elif callee.startswith("torch.nn.") and callee.endswith(".Linear"):
                 out.add(_LINEAR)
-            elif d in ("torch.nn.Parameter", "torch.nn.parameter.Parameter"):
+            elif callee in ("torch.nn.Parameter", "torch.nn.parameter.Parameter"):
                 out.add(_PARAM)
-            elif d in ("torch.nn.Buffer", "torch.nn.parameter.Buffer"):
+            elif callee in ("torch.nn.Buffer", "torch.nn.parameter.Buffer"):
                 out.add(_BUFFER)
-            elif d.startswith("torch.nn.") and d.rpartition(".")[2] in _TORCH:
-                out.add(("torch", d.rpartition(".")[2]))
+            elif callee.startswith("torch.nn.") and callee.rpartition(".")[2] in _TORCH:
+                out.add(("torch", callee.rpartition(".")[2]))
             else:
-                r = self.ref(d)
+                r = self.ref(callee)
                 out.add(r if r is not None else _UNKNOWN)
         return out
 
@@ -537,7 +538,7 @@ class _Reader:
             return set().union(*(self.callee(v, ctx, depth + 1) for v in values)) if values else {None}
         return {_dotted(ctx.src, expr)}
 
-    def list_of(self, expr: ast.expr | None, ctx: _Ctx, depth: int = 0) -> set[tuple]:
+    def list_of(self, expr: ast.expr | None, ctx: _Ctx, depth: int = 0) -> set[_Sym]:
         if expr is None:
             return {("list", (), frozenset())}
         if isinstance(expr, (ast.List, ast.Tuple)):
@@ -547,10 +548,12 @@ class _Reader:
         if isinstance(expr, (ast.ListComp, ast.GeneratorExp)):
             return {("list", None, frozenset(self.value(expr.elt, ctx) - {_NONE}))}
         if isinstance(expr, ast.Name) and expr.id in ctx.env and depth < 4:
-            return set().union(*({_UNKNOWN} if e is None else self.list_of(e, ctx, depth + 1) for e in ctx.env[expr.id]))
+            return set().union(
+                *({_UNKNOWN} if e is None else self.list_of(e, ctx, depth + 1) for e in ctx.env[expr.id])
+            )
         return {_UNKNOWN}
 
-    def auto_model(self, call: ast.Call, ctx: _Ctx) -> tuple:
+    def auto_model(self, call: ast.Call, ctx: _Ctx) -> _Sym:
         """``AutoModel.from_config(config)`` in the architecture's own ``__init__``: the base model
         of the model_type (MODEL_MAPPING_NAMES), when this modeling file defines it."""
         arg = call.args[0] if call.args else None
@@ -563,7 +566,7 @@ class _Reader:
 
     # -- walking the checkpoint
 
-    def child(self, t: tuple, name: str) -> set[tuple]:
+    def child(self, t: _Sym, name: str) -> set[_Sym]:
         """The module kinds ``name`` can be inside a module of kind ``t``."""
         if t[0] == "class":
             lay = self.layout(t)
@@ -582,7 +585,7 @@ class _Reader:
             return set()
         raise _Unsure(f"a module this reading cannot classify ({t})")
 
-    def tensor_kind(self, t: tuple, name: str) -> str | None:
+    def tensor_kind(self, t: _Sym, name: str) -> str | None:
         """"linear" for an nn.Linear's weight, "other" for any other tensor, None: not in ``t``."""
         if t == _LINEAR:
             return "linear" if name == "weight" else "other" if name == "bias" else None
@@ -602,11 +605,11 @@ class _Reader:
             return "other" if types & {_PARAM, _BUFFER} else None
         raise _Unsure(f"a module this reading cannot classify ({t})")
 
-    def explain(self, node: dict[str, Any], prefix: str, types: set[tuple]) -> None:
+    def explain(self, node: dict[str, Any], prefix: str, types: set[_Sym]) -> None:
         """Checks that a module of one of ``types`` holds every key under ``node`` (a trie of
         the keys below ``prefix``); records the kinds that can (``survivors``) and whether each
         tensor is an nn.Linear weight (``kinds``). Raises _Unsure when a key is unexplained."""
-        def fits(t: tuple) -> bool:
+        def fits(t: _Sym) -> bool:
             return all(
                 (self.tensor_kind(t, c) is not None) if sub is None else bool(self.child(t, c) - {_NONE})
                 for c, sub in node.items()
@@ -619,10 +622,10 @@ class _Reader:
         for c, sub in node.items():
             name = f"{prefix}.{c}" if prefix else c
             if sub is None:
-                kinds = {self.tensor_kind(t, c) for t in survivors} - {None}
+                kinds = {k for t in survivors if (k := self.tensor_kind(t, c)) is not None}
                 if len(kinds) != 1:
                     raise _Unsure(f"{name!r} may or may not be an nn.Linear weight")
-                self.kinds[name] = kinds.pop()  # type: ignore[assignment]
+                self.kinds[name] = kinds.pop()
             else:
                 self.explain(sub, name, set().union(*(self.child(t, c) for t in survivors)) - {_NONE})
 
@@ -654,7 +657,7 @@ class _Reader:
             sure &= s
         return cands, sure and bool(cands)
 
-    def last_in(self, t: tuple, node: dict[str, Any], prefix: str) -> tuple[set[str], bool]:
+    def last_in(self, t: _Sym, node: dict[str, Any], prefix: str) -> tuple[set[str], bool]:
         join = (prefix + ".") if prefix else ""
         if t == _LINEAR or t[0] == "torch":
             params = [p for p in (_TORCH["Linear"] if t == _LINEAR else _TORCH[t[1]])[0] if p in node]
@@ -710,11 +713,13 @@ class _Reader:
             for st in node.body:
                 if isinstance(st, ast.AnnAssign) and "tie_word_embeddings" in _names(st):
                     default = st.value
-                    return default.value if isinstance(default, ast.Constant) and isinstance(default.value, bool) else None
+                    return (
+                        default.value if isinstance(default, ast.Constant) and isinstance(default.value, bool) else None
+                    )
             return False  # not a field: getattr(config, "tie_word_embeddings", False)
         return None
 
-    def tied_names(self, ref: tuple, prefix: str) -> set[str]:
+    def tied_names(self, ref: _Sym, prefix: str) -> set[str]:
         """The parameters in ``ref``'s tied weights mapping (get_expanded_tied_weights_keys), prefixed."""
         value = self.class_attr(ref, "_tied_weights_keys")
         tied = _literal(value) if value is not None else None
@@ -739,7 +744,7 @@ class _Reader:
             names = expanded
         return {prefix + n for n in names}
 
-    def fp32(self, ref: tuple) -> set[str]:
+    def fp32(self, ref: _Sym) -> set[str]:
         value = self.class_attr(ref, "_keep_in_fp32_modules")
         names = _literal(value) if value is not None else None
         if names is None:
@@ -748,7 +753,7 @@ class _Reader:
             raise _Unsure(f"{ref[2]}._keep_in_fp32_modules is not a list of names")
         return set(names)
 
-    def submodels(self, ref: tuple, prefix: str, depth: int = 0) -> tuple[set[str], set[str], set[str]]:
+    def submodels(self, ref: _Sym, prefix: str, depth: int = 0) -> tuple[set[str], set[str], set[str]]:
         """Tied parameters, ``_keep_in_fp32_modules`` of the direct ``PreTrainedModel`` children
         (gathered by transformers' ``post_init``) and the deeper ones (maybe gathered)."""
         tied: set[str] = set()
@@ -767,7 +772,7 @@ class _Reader:
                     fp32_deep |= sub_direct | sub_deep
         return tied, fp32_direct, fp32_deep
 
-    def input_embeddings(self, ref: tuple, depth: int = 0) -> bool | None:
+    def input_embeddings(self, ref: _Sym, depth: int = 0) -> bool | None:
         """Whether ``get_input_embeddings()`` returns (True) or raises NotImplementedError (False)."""
         found = self.method(ref, "get_input_embeddings")
         if found is not None:
@@ -797,10 +802,12 @@ class _Reader:
         base = lay.attrs.get(prefix, set()) if isinstance(prefix, str) and prefix else set()
         if not base:
             return False
-        results = {self.input_embeddings(t, depth + 1) if t[0] == "class" and self.is_pretrained(t) else None for t in base}
+        results = {
+            self.input_embeddings(t, depth + 1) if t[0] == "class" and self.is_pretrained(t) else None for t in base
+        }
         return results.pop() if len(results) == 1 else None
 
-    def output_embeddings(self, ref: tuple) -> tuple[str | None, bool]:
+    def output_embeddings(self, ref: _Sym) -> tuple[str | None, bool]:
         """The name of the module ``get_output_embeddings()`` returns and whether surely so."""
         found = self.method(ref, "get_output_embeddings")
         lay = self.layout(ref)
@@ -826,7 +833,7 @@ class _Reader:
                 path.insert(0, expr.attr)
                 expr = expr.value
             if isinstance(expr, ast.Name) and expr.id == found[1].args.args[0].arg and path:
-                types: set[tuple] = {ref}
+                types = {ref}
                 sure = True
                 for part in path:
                     raw = set().union(
@@ -860,21 +867,24 @@ class _Reader:
         else:
             raise _Unsure(f"cannot read the conversion mapping of {name}")
         out = []
-        calls = entry.values[0].elts if isinstance(entry, ast.Dict) and isinstance(entry.values[0], ast.List) else [None]
+        calls = (
+            entry.values[0].elts if isinstance(entry, ast.Dict) and isinstance(entry.values[0], ast.List) else [None]
+        )
         for call in calls:
-            if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "WeightRenaming"):
+            if not (
+                isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "WeightRenaming"
+            ):
                 raise _Unsure(f"transformers converts the weights of {name} on load")
             args = list(call.args) + [k.value for k in call.keywords]
             pair = [a.value if isinstance(a, ast.Constant) else None for a in args]
+            source, target = pair if len(pair) == 2 else (None, None)
             if not (
-                len(pair) == 2
-                and isinstance(pair[0], str)
-                and isinstance(pair[1], str)
-                and re.fullmatch(r"\^?(?:\w|\\\.)+", pair[0])
-                and re.fullmatch(r"\^?(?:\w|\\?\.)+", pair[1])
+                isinstance(source, str)
+                and isinstance(target, str)
+                and re.fullmatch(r"\^?(?:\w|\\\.)+", source)
+                and re.fullmatch(r"\^?(?:\w|\\?\.)+", target)
             ):
                 raise _Unsure(f"transformers renames the weights of {name} by patterns")
-            source, target = pair
             if target.startswith("^") and not source.startswith("^"):
                 source = "^" + source
             if re.search(r"[a-zA-Z0-9]$", source):
@@ -1010,7 +1020,7 @@ def _env(fn: ast.FunctionDef) -> dict[str, list[ast.expr | None]]:
     return env
 
 
-def _merge_list(t: tuple, extra: set[tuple]) -> tuple:
+def _merge_list(t: _Sym, extra: set[_Sym]) -> _Sym:
     """A list kind with ``extra`` kinds appended at unknown indices."""
     if t[0] != "list":
         return _UNKNOWN

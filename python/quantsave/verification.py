@@ -115,9 +115,8 @@ def _check_method(qconfig: QuantizationConfig, tensors: _Tensors, metadata: dict
         if not any(k.endswith("._weight_qdata") for k in tensors):
             return ["quant_method 'torchao' but no '*._weight_qdata' tensors in the shards"]
         return []
-    if method == "quanto":
-        if not any(".weight._data" in k for k in tensors):
-            return ["quant_method 'quanto' but no '*.weight._data' tensors in the shards"]
+    if method == "quanto" and not any(".weight._data" in k for k in tensors):
+        return ["quant_method 'quanto' but no '*.weight._data' tensors in the shards"]
     return []
 
 

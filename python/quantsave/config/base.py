@@ -84,7 +84,8 @@ def resolve_config(config: Any) -> QuantizationConfig | None:
         data = dict(config.to_dict())
     else:
         raise ValueError(
-            f"expected a quantization config (quantsave, diffusers or transformers config, or dict), got {type(config).__name__}"
+            "expected a quantization config (quantsave, diffusers or transformers config, or dict), "
+            f"got {type(config).__name__}"
         )
     method = _method_of(data)
     data["quant_method"] = method

@@ -78,7 +78,9 @@ class BitsAndBytesConfig(QuantizationConfig):
         self.bnb_4bit_quant_type = bnb_4bit_quant_type
         self.bnb_4bit_use_double_quant = bool(bnb_4bit_use_double_quant)
         self.bnb_4bit_compute_dtype = (
-            torch.float32 if bnb_4bit_compute_dtype is None else _dtype(bnb_4bit_compute_dtype, "bnb_4bit_compute_dtype")
+            torch.float32
+            if bnb_4bit_compute_dtype is None
+            else _dtype(bnb_4bit_compute_dtype, "bnb_4bit_compute_dtype")
         )
         self.bnb_4bit_quant_storage = (
             torch.uint8 if bnb_4bit_quant_storage is None else _dtype(bnb_4bit_quant_storage, "bnb_4bit_quant_storage")

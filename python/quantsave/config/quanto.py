@@ -25,6 +25,8 @@ class QuantoConfig(QuantizationConfig):
     """
 
     quant_method = "quanto"
+    #: True for a config read from optimum-quanto's own ``quanto_qmap.json`` (not in ``to_dict``).
+    from_qmap: bool = False
 
     def __init__(self, weights_dtype: str = "int8", modules_to_not_convert: list[str] | None = None) -> None:
         super().__init__()
@@ -42,7 +44,9 @@ class QuantoConfig(QuantizationConfig):
         return {
             "quant_method": self.quant_method,
             "weights_dtype": self.weights_dtype,
-            "modules_to_not_convert": None if self.modules_to_not_convert is None else list(self.modules_to_not_convert),
+            "modules_to_not_convert": None
+            if self.modules_to_not_convert is None
+            else list(self.modules_to_not_convert),
         }
 
     @classmethod

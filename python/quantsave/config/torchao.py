@@ -121,7 +121,9 @@ class TorchAoConfig(QuantizationConfig):
     def to_dict(self) -> dict[str, Any]:
         """The diffusers form."""
         return {
-            "modules_to_not_convert": None if self.modules_to_not_convert is None else list(self.modules_to_not_convert),
+            "modules_to_not_convert": None
+            if self.modules_to_not_convert is None
+            else list(self.modules_to_not_convert),
             "quant_method": self.quant_method,
             "quant_type": {"default": copy.deepcopy(self._encoded)},
         }

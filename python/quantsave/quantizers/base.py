@@ -24,11 +24,8 @@ class Quantizer:
     quant_method: ClassVar[str] = ""
     config_cls: ClassVar[type[QuantizationConfig]] = QuantizationConfig
     is_serializable: ClassVar[bool] = True
-    supports_safetensors: ClassVar[bool] = True
     #: Why the backend cannot be saved, when ``is_serializable`` is False.
     not_serializable_reason: ClassVar[str] = ""
-    #: Why it cannot be saved as safetensors, when ``supports_safetensors`` is False.
-    safetensors_unsupported_reason: str = ""
 
     def __init__(self, config: QuantizationConfig) -> None:
         # A config of this method held in another form (a plain dict config, another class)
@@ -38,6 +35,17 @@ class Quantizer:
         self.config = config
         #: Model state-dict keys that ``load_into`` installed under names absent from the files.
         self.loaded_keys: set[str] = set()
+
+    @property
+    def supports_safetensors(self) -> bool:
+        """False when the backend can only be saved in the pickle form (a subclass may set a
+        class attribute, or compute it from the installed library)."""
+        return True
+
+    @property
+    def safetensors_unsupported_reason(self) -> str:
+        """Why it cannot be saved as safetensors, when ``supports_safetensors`` is False."""
+        return ""
 
     @classmethod
     def detect(cls, model: nn.Module) -> bool:

@@ -206,7 +206,9 @@ class BitsAndBytesQuantizer(Quantizer):
                 holder = model.get_submodule(parent) if parent else model
                 old = getattr(holder, leaf)
             except AttributeError:
-                raise CheckpointError(f"checkpoint has quantized weight {prefix!r} but the model has no such module") from None
+                raise CheckpointError(
+                    f"checkpoint has quantized weight {prefix!r} but the model has no such module"
+                ) from None
             if not isinstance(old, nn.Linear):
                 raise CheckpointError(
                     f"checkpoint quantizes {prefix!r} but the model's module there is {type(old).__name__}, not Linear"
@@ -247,7 +249,12 @@ class BitsAndBytesQuantizer(Quantizer):
                     raise CheckpointError(f"quantized weight {prefix!r}: {problem}")
             else:
                 w, scb = t.get("weight"), t.get("SCB")
-                if w is None or scb is None or w.dtype != torch.int8 or tuple(w.shape) != (old.out_features, old.in_features):
+                if (
+                    w is None
+                    or scb is None
+                    or w.dtype != torch.int8
+                    or tuple(w.shape) != (old.out_features, old.in_features)
+                ):
                     raise CheckpointError(
                         f"8-bit weight {prefix!r}: expected int8 weight {[old.out_features, old.in_features]} and SCB"
                     )

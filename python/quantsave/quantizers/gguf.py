@@ -29,7 +29,7 @@ class GGUFQuantizer(Quantizer):
     @classmethod
     def detect(cls, model: nn.Module) -> bool:
         for p in model.parameters():
-            if type(p).__name__ == "GGUFParameter" or hasattr(p, "quant_type") and "gguf" in type(p).__module__:
+            if type(p).__name__ == "GGUFParameter" or (hasattr(p, "quant_type") and "gguf" in type(p).__module__):
                 return True
         return False
 

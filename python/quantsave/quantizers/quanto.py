@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -105,13 +105,16 @@ def _inspect(model: nn.Module) -> tuple[str, list[str], list[str]]:
                 f"layers as NaN). Quantize the float model again with optimum.quanto.quantize(model, "
                 f"weights=..., exclude=[{name!r}, ...]) so that only Linear layers are quantized"
             )
-        if getattr(m, "activation_qtype", None) is not None:
+        # optimum-quanto ships no types: its qtypes stay Any.
+        activation_qtype: Any = getattr(m, "activation_qtype", None)
+        weight_qtype: Any = getattr(m, "weight_qtype", None)
+        if activation_qtype is not None:
             raise ValueError(
-                f"{name!r} quantizes activations ({m.activation_qtype.name}); the diffusers/transformers "
+                f"{name!r} quantizes activations ({activation_qtype.name}); the diffusers/transformers "
                 "quanto format holds weight-only quantization. Quantize with activations=None, or save "
                 "with optimum.quanto's own tools"
             )
-        if getattr(m, "weight_qtype", None) is None:
+        if weight_qtype is None:
             raise ValueError(f"{name!r} is a quanto {kind} without quantized weights; the format cannot hold it")
         if not _derives(m.weight, "QTensor"):
             raise ValueError(
@@ -119,7 +122,7 @@ def _inspect(model: nn.Module) -> tuple[str, list[str], list[str]]:
                 "before saving"
             )
         quantized.append(name)
-        qtypes.add(m.weight_qtype.name)
+        qtypes.add(weight_qtype.name)
     if not quantized:
         raise ValueError("the model has no optimum-quanto layers")
     if len(qtypes) > 1:
@@ -258,7 +261,10 @@ class QuantoQuantizer(Quantizer):
         for name, m in model.named_modules():
             if is_qmodule(m):
                 w, a = m.weight_qtype, m.activation_qtype
-                qmap[name] = {"weights": "none" if w is None else w.name, "activations": "none" if a is None else a.name}
+                qmap[name] = {
+                    "weights": "none" if w is None else w.name,
+                    "activations": "none" if a is None else a.name,
+                }
         return {QMAP_NAME: json.dumps(qmap, indent=4)}
 
     def weight_groups(self, keys: list[str]) -> dict[str, str]:
@@ -299,7 +305,9 @@ class QuantoQuantizer(Quantizer):
                 holder = model.get_submodule(parent) if parent else model
                 old = getattr(holder, leaf)
             except AttributeError:
-                raise CheckpointError(f"checkpoint has quantized weight {prefix!r} but the model has no such module") from None
+                raise CheckpointError(
+                    f"checkpoint has quantized weight {prefix!r} but the model has no such module"
+                ) from None
             if not isinstance(old, nn.Linear):
                 raise CheckpointError(
                     f"checkpoint quantizes {prefix!r} but the model's module there is {type(old).__name__}: "
@@ -377,7 +385,11 @@ def _build_qlinear(quanto: Any, prefix: str, old: nn.Linear, qtype: Any, tensors
             f"quantized weight {prefix!r} ({qtype.name}): "
             + "; ".join(
                 ([f"missing tensors {['weight.' + k for k in missing]}"] if missing else [])
-                + ([f"unexpected tensors {['weight.' + k for k in extra]} (not the standard quanto layout)"] if extra else [])
+                + (
+                    [f"unexpected tensors {['weight.' + k for k in extra]} (not the standard quanto layout)"]
+                    if extra
+                    else []
+                )
             )
         )
     for k, want in expected.items():
@@ -402,7 +414,7 @@ def _build_qlinear(quanto: Any, prefix: str, old: nn.Linear, qtype: Any, tensors
     # No .optimize(): like diffusers, keep the standard layout (and no JIT-compiled unpack on load).
     new.weight = nn.Parameter(weight, requires_grad=False)
     new.requires_grad_(False)
-    return new
+    return cast(nn.Module, new)  # a quanto QLinear (optimum-quanto ships no types)
 
 
 def config_from_qmap(path: Path) -> QuantoConfig:
@@ -421,7 +433,7 @@ def config_from_qmap(path: Path) -> QuantoConfig:
             f"{path}: expected one weight type among {sorted(_DTYPE_OF)} for every quantized layer, got {sorted(kinds)}"
         )
     config = QuantoConfig(weights_dtype=_DTYPE_OF[next(iter(kinds))])
-    config.from_qmap = True  # type: ignore[attr-defined]
+    config.from_qmap = True
     return config
 
 

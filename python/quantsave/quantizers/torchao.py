@@ -84,7 +84,7 @@ class TorchAoQuantizer(Quantizer):
         self._groups: dict[str, str] = {}
 
     @property
-    def supports_safetensors(self) -> bool:  # type: ignore[override]
+    def supports_safetensors(self) -> bool:
         version = _torchao_version()
         return version is None or version[:2] >= MIN_SAFETENSORS_VERSION
 
@@ -108,7 +108,8 @@ class TorchAoQuantizer(Quantizer):
         Loaders rebuild the weights from the per-tensor metadata; the config records the
         workflow (and is what a later on-the-fly quantization would use).
         """
-        first = next((p for p in model.parameters() if _is_torchao_tensor(p)), None)
+        # A torchao tensor subclass: torchao ships no types, so its attributes are Any.
+        first: Any = next((p for p in model.parameters() if _is_torchao_tensor(p)), None)
         if first is None:
             raise ValueError("the model has no torchao-quantized weights")
         try:
@@ -121,13 +122,19 @@ class TorchAoQuantizer(Quantizer):
         act = getattr(first, "act_quant_kwargs", None)
         ao: Any
         if name == "Int8Tensor":
-            ao = q.Int8DynamicActivationInt8WeightConfig() if act is not None else q.Int8WeightOnlyConfig(group_size=group)
+            ao = (
+                q.Int8DynamicActivationInt8WeightConfig()
+                if act is not None
+                else q.Int8WeightOnlyConfig(group_size=group)
+            )
         elif name == "Float8Tensor":
             ao = q.Float8DynamicActivationFloat8WeightConfig() if act is not None else q.Float8WeightOnlyConfig()
         elif name == "IntxUnpackedToInt8Tensor":
             granularity = q.PerGroup(group) if group else q.PerAxis(0)
             if getattr(first, "activation_quantization", None) is not None:
-                ao = q.Int8DynamicActivationIntxWeightConfig(weight_dtype=first.target_dtype, weight_granularity=granularity)
+                ao = q.Int8DynamicActivationIntxWeightConfig(
+                    weight_dtype=first.target_dtype, weight_granularity=granularity
+                )
             else:
                 ao = q.IntxWeightOnlyConfig(weight_dtype=first.target_dtype, granularity=granularity)
         elif name == "Int4Tensor":
@@ -169,14 +176,17 @@ class TorchAoQuantizer(Quantizer):
                         f"torchao cannot serialize a quantized tensor at the model's root ({key!r}): its flattened "
                         "names need a module prefix"
                     )
-                parts = list(t.tensor_data_names) + list(getattr(t, "optional_tensor_data_names", []) or [])
+                ao_tensor: Any = t  # a torchao tensor subclass (torchao ships no types)
+                parts = list(ao_tensor.tensor_data_names) + list(getattr(t, "optional_tensor_data_names", []) or [])
                 prefix = _flat_prefix(key)
                 for part in parts:
                     value = getattr(t, part)
                     if value is None:
                         continue
                     if not isinstance(value, torch.Tensor) or is_wrapper_subclass(value):
-                        raise NotSerializableError(f"weight {key!r}: part {part!r} is not a plain tensor. Nothing was written.")
+                        raise NotSerializableError(
+                            f"weight {key!r}: part {part!r} is not a plain tensor. Nothing was written."
+                        )
                     flat[prefix + part] = value.detach()
                     self._groups[prefix + part] = key
                 metadata[key] = json.dumps(t, cls=TensorSubclassAttributeJSONEncoder)
@@ -239,8 +249,14 @@ class TorchAoQuantizer(Quantizer):
             if "." not in name:
                 raise CheckpointError(f"quantized tensor {name!r} has no module prefix")
             parts = info.get("_tensor_data_names")
-            if not isinstance(parts, list) or not all(isinstance(p, str) for p in parts) or not isinstance(info.get("_data"), dict):
-                raise CheckpointError(f"tensor {name!r}: malformed torchao metadata (no '_tensor_data_names' / '_data')")
+            if (
+                not isinstance(parts, list)
+                or not all(isinstance(p, str) for p in parts)
+                or not isinstance(info.get("_data"), dict)
+            ):
+                raise CheckpointError(
+                    f"tensor {name!r}: malformed torchao metadata (no '_tensor_data_names' / '_data')"
+                )
             quantized[name] = info
         rest = dict(state_dict)
         flat: dict[str, torch.Tensor] = {}
@@ -267,7 +283,9 @@ class TorchAoQuantizer(Quantizer):
             try:
                 module = model.get_submodule(module_name)
             except AttributeError:
-                raise CheckpointError(f"checkpoint has quantized weight {name!r} but the model has no module {module_name!r}") from None
+                raise CheckpointError(
+                    f"checkpoint has quantized weight {name!r} but the model has no module {module_name!r}"
+                ) from None
             old = getattr(module, leaf, None)
             if not isinstance(old, torch.Tensor):
                 raise CheckpointError(f"checkpoint has quantized weight {name!r} but the model has no such parameter")
@@ -279,7 +297,9 @@ class TorchAoQuantizer(Quantizer):
             if type(t).__name__ in ("Int8Tensor", "Float8Tensor", "IntxUnpackedToInt8Tensor") and (
                 not isinstance(qdata, torch.Tensor) or tuple(qdata.shape) != tuple(t.shape)
             ):
-                raise CheckpointError(f"quantized weight {name!r}: its qdata does not have the weight's shape {list(t.shape)}")
+                raise CheckpointError(
+                    f"quantized weight {name!r}: its qdata does not have the weight's shape {list(t.shape)}"
+                )
             setattr(module, leaf, nn.Parameter(t, requires_grad=False))
             self.loaded_keys.add(name)
         return rest
@@ -304,7 +324,9 @@ def _tensor_names(metadata: dict[str, str], state_dict: dict[str, torch.Tensor])
     if raw is None:
         flat = [k for k in state_dict if k.rpartition(".")[2].startswith("_")]
         if flat:
-            raise CheckpointError(f"torchao checkpoint without its header metadata ('tensor_names'): cannot rebuild {flat[:3]}")
+            raise CheckpointError(
+                f"torchao checkpoint without its header metadata ('tensor_names'): cannot rebuild {flat[:3]}"
+            )
         return None
     try:
         names = json.loads(raw)
