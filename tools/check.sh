@@ -12,7 +12,8 @@ VENV=${VENV:-.venv-check}
 PYTHON=${PYTHON:-python3}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 
-step() { printf '\n== %s\n' "$*"; }
+# Each step prints the seconds since the start, so a slow run shows where its time went.
+step() { printf '\n== [%4ds] %s\n' "$SECONDS" "$*"; }
 
 step "rust: format, lint, the core without PyO3, tests"
 cargo fmt --check
@@ -42,6 +43,13 @@ step "fresh virtual environment: the sdist builds and installs, with the test de
 rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"
 VPY="$PWD/$VENV/bin/python"
+# Everything below runs as inside the activated venv: its bin/ first on PATH, so tools that look
+# for executables there find the venv's own (torch's C++ extension builder needs `ninja`, which
+# optimum-quanto installs, to compile quanto's CPU kernels). Compiled extensions go into the venv
+# too, so no earlier run's ~/.cache/torch_extensions can hide a missing build step.
+export VIRTUAL_ENV="$PWD/$VENV"
+export PATH="$VIRTUAL_ENV/bin:$PATH"
+export TORCH_EXTENSIONS_DIR="$VIRTUAL_ENV/torch_extensions"
 "$VPY" -m pip install -q --upgrade pip
 "$VPY" -m pip install -q "$(ls dist/quantsave-*.tar.gz)[test,lint]"
 (cd "$VENV" && "$VPY" "$OLDPWD/tools/smoke_wheel.py")
@@ -62,4 +70,5 @@ step "release workflow: schema and security lint (offline)"
 "$VENV/bin/zizmor" --offline --persona=pedantic .github/workflows/release.yml
 
 step "pytest against the installed wheel"
-"$VPY" -m pytest -q
+"$VPY" -m pytest -q --durations=15
+step "done"
