@@ -19,7 +19,7 @@ from torch import nn
 
 import quantsave as qs
 from quantsave import _core
-from quantsave.commit import stale_stages
+from quantsave.checkpoint.commit import stale_stages
 
 SHARD = "400KB"
 
@@ -186,7 +186,7 @@ def test_leftover_file_temporaries_are_ignored_and_dropped(tmp_path) -> None:  #
 
 def test_mount_point_is_written_in_place(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A mount point cannot be renamed: its files are replaced in place (each atomically)."""
-    import quantsave.commit as commit
+    import quantsave.checkpoint.commit as commit
 
     folder = tmp_path / "ckpt"
     qs.save_quantized(model(1), folder, max_shard_size=SHARD)
@@ -251,7 +251,7 @@ def test_current_folder_as_target(tmp_path, monkeypatch) -> None:  # type: ignor
 
 
 def test_mount_point_inside_the_target_is_never_crossed(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import quantsave.commit as commit
+    import quantsave.checkpoint.commit as commit
 
     folder = tmp_path / "ckpt"
     qs.save_quantized(model(1), folder, max_shard_size=SHARD)

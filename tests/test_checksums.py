@@ -16,7 +16,7 @@ from torch import nn
 
 import quantsave as qs
 from quantsave import _core
-from quantsave.checksums import CHECKSUMS_NAME, read_checksums
+from quantsave.checkpoint.checksums import CHECKSUMS_NAME, read_checksums
 
 pytest.importorskip("bitsandbytes")
 

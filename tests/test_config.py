@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import quantsave as qs
-from quantsave.config import resolve_config
+from quantsave.backends import resolve_config
 
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")

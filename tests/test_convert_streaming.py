@@ -22,7 +22,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")
 
-convert_module = importlib.import_module("quantsave.convert")
+convert_module = importlib.import_module("quantsave.convert.run")
 
 NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4")
 

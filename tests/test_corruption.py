@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import quantsave as qs
-from quantsave.verification import verify_checkpoint
+from quantsave.diagnostics.verify import verify_checkpoint
 
 pytest.importorskip("bitsandbytes")
 

@@ -88,7 +88,7 @@ def test_config_dict_equals_diffusers(wd: str, mnc: list[str] | None) -> None:
 
 
 def test_config_from_dict_forms_and_errors() -> None:
-    from quantsave.config import resolve_config
+    from quantsave.backends import resolve_config
 
     tf = transformers.QuantoConfig(weights="int4", modules_to_not_convert=["lm_head"])
     assert resolve_config(tf) == qs.QuantoConfig("int4", ["lm_head"])
@@ -494,7 +494,7 @@ def test_corrupted_qmap_and_qconv(tmp_path) -> None:  # type: ignore[no-untyped-
 
 
 def test_weight_groups() -> None:
-    from quantsave.quantizers.quanto import QuantoQuantizer
+    from quantsave.backends.quanto.quantizer import QuantoQuantizer
 
     keys = [
         "a.weight._data._data", "a.weight._scale", "a.weight._shift", "a.bias", "a.input_scale", "a.output_scale",

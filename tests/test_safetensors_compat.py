@@ -17,7 +17,7 @@ from torch import nn
 
 import quantsave as qs
 from quantsave import _core
-from quantsave.tensors import DTYPE_TO_NAME, byte_view
+from quantsave.checkpoint.tensors import DTYPE_TO_NAME, byte_view
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 from safetensors import safe_open  # noqa: E402

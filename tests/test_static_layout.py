@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from quantsave import _core
-from quantsave.config.bnb import BitsAndBytesConfig
+from quantsave.backends.bitsandbytes.config import BitsAndBytesConfig
+from quantsave.convert.static_layout import _static_targets, _Unsure, transformers_bnb_targets
 from quantsave.load import build_skeleton
 from quantsave.quantize import bnb_targets
-from quantsave.static_layout import _static_targets, _Unsure, transformers_bnb_targets
 
 transformers = pytest.importorskip("transformers")
 
@@ -231,7 +231,7 @@ def test_reading_does_not_import_transformers(llama_dir: Path) -> None:
     code = (
         "import json, sys\n"
         "from quantsave import _core\n"
-        "from quantsave.static_layout import transformers_bnb_targets\n"
+        "from quantsave.convert.static_layout import transformers_bnb_targets\n"
         f"folder = {str(llama_dir)!r}\n"
         "config = json.load(open(folder + '/config.json'))\n"
         "header = _core.read_header(folder + '/model.safetensors')\n"

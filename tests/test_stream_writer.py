@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from quantsave import _core
-from quantsave.tensors import byte_view, dtype_name
+from quantsave.checkpoint.tensors import byte_view, dtype_name
 
 
 def _tensors() -> dict[str, torch.Tensor]:

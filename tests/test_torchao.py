@@ -26,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 from torchao import quantization as aoq  # noqa: E402
 from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict  # noqa: E402
 
-from quantsave.quantizers import torchao as qs_torchao  # noqa: E402
+from quantsave.backends.torchao import quantizer as qs_torchao  # noqa: E402
 
 # Every torchao workflow that quantizes and runs on the CPU here (Int4 needs CUDA or mslk).
 AO_CONFIGS = {
@@ -267,7 +267,7 @@ def test_config_dicts_equal_the_references(name) -> None:  # type: ignore[no-unt
     assert ours.to_transformers_dict() == transformers.TorchAoConfig(ao, modules_to_not_convert=["proj_out"]).to_dict()
     # Round trips through the dict, and resolves from the libraries' config objects.
     assert qs.TorchAoConfig.from_dict(ours.to_dict()) == ours
-    from quantsave.config import resolve_config
+    from quantsave.backends import resolve_config
 
     assert resolve_config(diffusers.TorchAoConfig(ao)) == qs.TorchAoConfig(ao)
     assert resolve_config(transformers.TorchAoConfig(ao)).to_dict() == qs.TorchAoConfig(ao).to_dict()

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from quantsave._core import __version__
 from quantsave.api import load_quantized, load_state_dict, save_quantized
-from quantsave.config import BitsAndBytesConfig, GGUFQuantizationConfig, QuantizationConfig, QuantoConfig, TorchAoConfig
-from quantsave.convert import convert
+from quantsave.backends import (
+    BitsAndBytesConfig,
+    GGUFQuantizationConfig,
+    QuantizationConfig,
+    QuantoConfig,
+    TorchAoConfig,
+)
+from quantsave.backends.gguf.file import load_gguf, save_gguf
+from quantsave.convert.run import convert
 from quantsave.errors import CheckpointError, NotSerializableError
-from quantsave.gguf import load_gguf, save_gguf
 from quantsave.quantize import quantize
 from quantsave.save import SaveResult
 

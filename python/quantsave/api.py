@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantsave.checksums import check_checksums
-from quantsave.config.base import QuantizationConfig
+from quantsave.backends.config import QuantizationConfig
+from quantsave.checkpoint.checksums import check_checksums
 from quantsave.errors import CheckpointError
 from quantsave.families import is_pipeline
 from quantsave.load import find_weights, load_model

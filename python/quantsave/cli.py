@@ -126,7 +126,7 @@ def _print_summary(s: dict[str, Any], show_tensors: bool) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from quantsave.inspection import summarize
+    from quantsave.diagnostics.inspect import summarize
 
     summary = summarize(Path(args.directory), variant=args.variant, progress=_progress(args, "reading headers"))
     if args.json:
@@ -137,13 +137,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from quantsave.inspection import find_checkpoint
-    from quantsave.verification import verify_checkpoint
+    from quantsave.diagnostics.inspect import find_checkpoint
+    from quantsave.diagnostics.verify import verify_checkpoint
 
     directory = Path(args.directory)
     checksum_problems: list[str] = []
     if args.checksums:
-        from quantsave.checksums import check_checksums, read_checksums
+        from quantsave.checkpoint.checksums import check_checksums, read_checksums
 
         found = find_checkpoint(directory, args.variant)  # a missing folder is reported first
         if read_checksums(directory) is None:
@@ -165,8 +165,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from quantsave.config.bnb import BitsAndBytesConfig
-    from quantsave.convert import convert
+    from quantsave.backends.bitsandbytes.config import BitsAndBytesConfig
+    from quantsave.convert.run import convert
 
     if args.quant == "int8":
         if args.double_quant:

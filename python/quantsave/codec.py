@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from quantsave import _core
-from quantsave.tensors import byte_view, dtype_name
+from quantsave.checkpoint.tensors import byte_view, dtype_name
 
 __all__ = ["QuantState", "dequantize_4bit", "dequantize_8bit", "quantize_4bit", "quantize_8bit"]
 

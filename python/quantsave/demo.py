@@ -60,7 +60,7 @@ def run_demo(out_dir: str | None = None, *, max_shard_size: str = "1MB", stream:
     n_float = len(model.state_dict())
     config = qs.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
     # Importing bitsandbytes takes seconds on its own; keep it out of the quantize timing.
-    from quantsave.quantizers.bnb import import_bnb
+    from quantsave.backends.bitsandbytes.quantizer import import_bnb
 
     import_bnb()
     t0 = time.perf_counter()

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from quantsave import _core
-from quantsave.config.base import QuantizationConfig, resolve_config
+from quantsave.backends.config import QuantizationConfig, resolve_config
+from quantsave.backends.registry import get_quantizer
+from quantsave.checkpoint.tensors import tensor_from_map
 from quantsave.errors import CheckpointError
 from quantsave.families import FAMILIES, TRANSFORMERS, family_of
-from quantsave.quantizers.registry import get_quantizer
-from quantsave.tensors import tensor_from_map
 
 __all__ = ["load_state_dict", "load_checkpoint", "load_model", "read_config", "find_weights"]
 
@@ -250,7 +250,7 @@ def load_model(
     folder = path if path.is_dir() else path.parent
     if qconfig is None and (folder / "quanto_qmap.json").is_file():
         # optimum-quanto's own layout: the quantization map stands in for quantization_config.
-        from quantsave.quantizers.quanto import config_from_qmap
+        from quantsave.backends.quanto.quantizer import config_from_qmap
 
         qconfig = config_from_qmap(folder / "quanto_qmap.json")
     if qconfig is not None:

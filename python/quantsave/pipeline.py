@@ -15,8 +15,8 @@ from typing import Any
 from torch import nn
 
 from quantsave import _core
-from quantsave.config.base import resolve_config
-from quantsave.quantizers.registry import detect_quantizer
+from quantsave.backends.config import resolve_config
+from quantsave.backends.registry import detect_quantizer
 from quantsave.save import SaveResult, check_file_name, fsync_enabled, save_model
 
 __all__ = ["save_pipeline", "component_configs"]

@@ -11,12 +11,12 @@ from typing import Any, cast
 from torch import nn
 
 from quantsave import codec
-from quantsave.config.base import resolve_config
-from quantsave.config.bnb import BitsAndBytesConfig
-from quantsave.config.quanto import QuantoConfig
-from quantsave.config.torchao import TorchAoConfig
+from quantsave.backends.bitsandbytes.config import BitsAndBytesConfig
+from quantsave.backends.bitsandbytes.quantizer import import_bnb
+from quantsave.backends.config import resolve_config
+from quantsave.backends.quanto.config import QuantoConfig
+from quantsave.backends.torchao.config import TorchAoConfig
 from quantsave.families import DIFFUSERS, TRANSFORMERS, family_of
-from quantsave.quantizers.bnb import import_bnb
 
 __all__ = ["bnb_targets", "quantize", "transformers_should_convert"]
 
@@ -240,7 +240,7 @@ def _skip_list(model: nn.Module, skip: list[str], config_skip: list[str] | None,
 def _quantize_quanto(model: nn.Module, config: QuantoConfig, skip: list[str]) -> nn.Module:
     """optimum-quanto weight-only quantization of the model's ``nn.Linear`` layers (only Linear
     layers: the diffusers format has no place for quanto's other layer types), then ``freeze``."""
-    from quantsave.quantizers.quanto import QuantoQuantizer, import_quanto, qtype_name
+    from quantsave.backends.quanto.quantizer import QuantoQuantizer, import_quanto, qtype_name
 
     quanto = import_quanto()
     skip = _skip_list(model, skip, config.modules_to_not_convert, skip_output=True)

@@ -16,9 +16,12 @@ import torch
 from torch import nn
 
 from quantsave import _core
-from quantsave.checksums import CHECKSUMS_NAME, render_checksums
-from quantsave.commit import staged_directory
-from quantsave.config.base import resolve_config
+from quantsave.backends.config import resolve_config
+from quantsave.backends.quantizer import Quantizer
+from quantsave.backends.registry import detect_quantizer, get_quantizer
+from quantsave.checkpoint.checksums import CHECKSUMS_NAME, render_checksums
+from quantsave.checkpoint.commit import staged_directory
+from quantsave.checkpoint.tensors import byte_view, dtype_name, is_wrapper_subclass, subclass_nbytes
 from quantsave.errors import NotSerializableError
 from quantsave.families import (
     TRANSFORMERS,
@@ -29,9 +32,6 @@ from quantsave.families import (
     model_config_files,
     total_parameters,
 )
-from quantsave.quantizers.base import Quantizer
-from quantsave.quantizers.registry import detect_quantizer, get_quantizer
-from quantsave.tensors import byte_view, dtype_name, is_wrapper_subclass, subclass_nbytes
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -12,7 +12,7 @@ Which tensors are Linear weights comes from, in order of preference:
 
 1. the model passed in (real or on the meta device);
 2. for a transformers checkpoint written by the installed transformers version, a static reading
-   of the architecture's modeling source (``quantsave.static_layout``) when it is sure: no
+   of the architecture's modeling source (``quantsave.convert.static_layout``) when it is sure: no
    import of the modeling code, which costs seconds;
 3. a meta-device skeleton built from ``config.json`` through diffusers or transformers.
 """
@@ -33,14 +33,14 @@ import torch
 from torch import nn
 
 from quantsave import _core
-from quantsave.commit import staged_directory
-from quantsave.config.base import resolve_config
-from quantsave.config.bnb import BitsAndBytesConfig
+from quantsave.backends.bitsandbytes.config import BitsAndBytesConfig
+from quantsave.backends.bitsandbytes.quantizer import BitsAndBytesQuantizer
+from quantsave.backends.config import resolve_config
+from quantsave.checkpoint.commit import staged_directory
 from quantsave.errors import CheckpointError
 from quantsave.families import DIFFUSERS, TRANSFORMERS, Family, dump_json, family_of, model_config_files
 from quantsave.load import build_skeleton, find_weights, read_config
 from quantsave.quantize import bnb_targets
-from quantsave.quantizers.bnb import BitsAndBytesQuantizer
 from quantsave.save import SaveResult, _parse_shard_size, finish_checkpoint, fsync_enabled, write_checksums
 
 __all__ = ["convert"]
@@ -223,7 +223,7 @@ def _static_layout(source: _Source, config: BitsAndBytesConfig, max_shard_size: 
     if cfg.get("tie_word_embeddings") is not False and any(k.endswith("lm_head.weight") for k in source.tensors):
         return None
     try:
-        from quantsave.static_layout import transformers_bnb_targets
+        from quantsave.convert.static_layout import transformers_bnb_targets
     except ImportError:
         return None
     shapes = {k: (d, s) for k, (_, d, s) in source.tensors.items()}
@@ -570,7 +570,7 @@ def _convert_pipeline(
         if cfg is not None and cfg.get("quantization_config") is not None:
             raise ValueError(f"pipeline component {name!r} is already quantized")
     result = SaveResult(directory=dst)
-    # The whole pipeline folder is staged and swapped in at once (see quantsave.commit).
+    # The whole pipeline folder is staged and swapped in at once (see quantsave.checkpoint.commit).
     with staged_directory(dst, fsync=fsync_enabled()) as stage:
         for entry in sorted(src.iterdir()):
             target = stage / entry.name

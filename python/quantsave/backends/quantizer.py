@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from quantsave.config.base import QuantizationConfig
+from quantsave.backends.config import QuantizationConfig
 
 if TYPE_CHECKING:
     from quantsave.families import Family

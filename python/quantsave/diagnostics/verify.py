@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from quantsave import _core
-from quantsave.config.base import QuantizationConfig, resolve_config
-from quantsave.inspection import find_checkpoint, read_bytes, weight_map_of
+from quantsave.backends.config import QuantizationConfig, resolve_config
+from quantsave.backends.registry import get_quantizer
+from quantsave.diagnostics.inspect import find_checkpoint, read_bytes, weight_map_of
 from quantsave.load import read_config
-from quantsave.quantizers.registry import get_quantizer
 
 __all__ = ["verify_checkpoint"]
 

@@ -3,7 +3,7 @@ type (what a safetensors checkpoint cannot record), ``load_gguf`` reads one back
 diffusers' ``GGUFParameter``/``GGUFLinear`` with the same bytes.
 
 Owns the file's tensor-type policy and quantsave KV keys and the atomic write; the bounded
-reader of the container is ``quantsave.gguf_reader``. ``gguf`` (writer, GGML types, quantizers) and
+reader of the container is ``quantsave.backends.gguf.reader``. ``gguf`` (writer, GGML types, quantizers) and
 diffusers (``GGUFParameter``, ``GGUFLinear``) are imported only when a function needs them.
 """
 
@@ -27,25 +27,25 @@ import torch
 from torch import nn
 
 from quantsave import _core
-from quantsave.commit import fsync_dir
-from quantsave.config.gguf import GGUFQuantizationConfig
+from quantsave.backends.gguf.config import GGUFQuantizationConfig
+from quantsave.backends.gguf.reader import ALIGNMENT_KEY as _ALIGNMENT
+from quantsave.backends.gguf.reader import MAX_DIMS as _MAX_DIMS
+from quantsave.backends.gguf.reader import STRING as _STRING
+from quantsave.backends.gguf.reader import TensorInfo as _TensorInfo
+from quantsave.backends.gguf.reader import map_gguf as _map
+from quantsave.checkpoint.commit import fsync_dir
+from quantsave.checkpoint.tensors import byte_view, is_wrapper_subclass, tensor_from_map
 from quantsave.errors import CheckpointError
 from quantsave.families import DIFFUSERS, PLAIN, family_of, is_pipeline, model_config_files
-from quantsave.gguf_reader import ALIGNMENT_KEY as _ALIGNMENT
-from quantsave.gguf_reader import MAX_DIMS as _MAX_DIMS
-from quantsave.gguf_reader import STRING as _STRING
-from quantsave.gguf_reader import TensorInfo as _TensorInfo
-from quantsave.gguf_reader import map_gguf as _map
 from quantsave.load import _empty_weights, build_skeleton, read_config
 from quantsave.save import SaveResult, fsync_enabled
-from quantsave.tensors import byte_view, is_wrapper_subclass, tensor_from_map
 
 __all__ = ["QUANTIZE_TYPES", "load_gguf", "save_gguf"]
 
 #: KV keys that make a quantsave file self-describing.
 KEY_LIBRARY = "quantsave.library"
 KEY_CLASS = "quantsave.class_name"
-KEY_CONFIG = "quantsave.config"
+KEY_CONFIG = "quantsave.backends"
 KEY_VERSION = "quantsave.version"
 _ARCH = "general.architecture"
 _QUANT_VERSION = "general.quantization_version"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from quantsave.config.base import QuantizationConfig
+from quantsave.backends.config import QuantizationConfig
 
 __all__ = ["TorchAoConfig"]
 

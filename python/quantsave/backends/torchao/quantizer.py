@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from quantsave.config.base import QuantizationConfig
-from quantsave.config.torchao import TorchAoConfig
+from quantsave.backends.config import QuantizationConfig
+from quantsave.backends.quantizer import Quantizer
+from quantsave.backends.torchao.config import TorchAoConfig
+from quantsave.checkpoint.tensors import is_wrapper_subclass
 from quantsave.errors import CheckpointError, NotSerializableError
-from quantsave.quantizers.base import Quantizer
-from quantsave.tensors import is_wrapper_subclass
 
 if TYPE_CHECKING:
     from quantsave.families import Family

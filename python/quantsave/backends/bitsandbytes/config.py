@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from quantsave.config.base import QuantizationConfig
+from quantsave.backends.config import QuantizationConfig
 
 __all__ = ["BitsAndBytesConfig"]
 

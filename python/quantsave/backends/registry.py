@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from quantsave.config.base import QuantizationConfig
-from quantsave.quantizers.base import Quantizer
-from quantsave.quantizers.bnb import BitsAndBytesQuantizer
-from quantsave.quantizers.gguf import GGUFQuantizer
-from quantsave.quantizers.quanto import QuantoQuantizer
-from quantsave.quantizers.torchao import TorchAoQuantizer
+from quantsave.backends.bitsandbytes.quantizer import BitsAndBytesQuantizer
+from quantsave.backends.config import QuantizationConfig
+from quantsave.backends.gguf.quantizer import GGUFQuantizer
+from quantsave.backends.quantizer import Quantizer
+from quantsave.backends.quanto.quantizer import QuantoQuantizer
+from quantsave.backends.torchao.quantizer import TorchAoQuantizer
 
 __all__ = ["detect_quantizer", "get_quantizer", "registered_methods"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from quantsave.config.base import QuantizationConfig
+from quantsave.backends.config import QuantizationConfig
 
 __all__ = ["QuantoConfig", "WEIGHTS_DTYPES"]
 

@@ -34,11 +34,11 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from quantsave.config.base import QuantizationConfig
-from quantsave.config.quanto import QuantoConfig
+from quantsave.backends.config import QuantizationConfig
+from quantsave.backends.quantizer import Quantizer
+from quantsave.backends.quanto.config import QuantoConfig
 from quantsave.errors import CheckpointError
 from quantsave.families import DIFFUSERS, TRANSFORMERS, Family, family_of
-from quantsave.quantizers.base import Quantizer
 
 __all__ = ["QMAP_NAME", "QuantoQuantizer", "import_quanto", "is_qmodule"]
 

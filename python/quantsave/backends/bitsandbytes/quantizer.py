@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from quantsave.config.bnb import BitsAndBytesConfig
+from quantsave.backends.bitsandbytes.config import BitsAndBytesConfig
+from quantsave.backends.quantizer import Quantizer
 from quantsave.errors import CheckpointError
-from quantsave.quantizers.base import Quantizer
 
 if TYPE_CHECKING:
     from quantsave.families import Family

@@ -1,13 +1,13 @@
 """GGUF: recognized so it can be refused. The Hugging Face format has no place for the
-per-tensor GGML type, which lives only in memory, so a save would lose it; ``quantsave.gguf``
+per-tensor GGML type, which lives only in memory, so a save would lose it; ``quantsave.backends.gguf.file``
 exports such a model as a ``.gguf`` file instead."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from quantsave.config.gguf import GGUFQuantizationConfig
-from quantsave.quantizers.base import Quantizer
+from quantsave.backends.gguf.config import GGUFQuantizationConfig
+from quantsave.backends.quantizer import Quantizer
 
 __all__ = ["GGUFQuantizer"]
 

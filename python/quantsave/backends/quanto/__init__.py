@@ -1,0 +1,1 @@
+"""optimum-quanto: qtensor weights in the diffusers/quanto checkpoint layout."""

@@ -1,0 +1,1 @@
+"""torchao: tensor-subclass weights in torchao's flattened safetensors form."""
