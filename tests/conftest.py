@@ -13,6 +13,36 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
 
 
+def _pin_portable_bitsandbytes() -> None:
+    """On CPUs with AVX-512, bitsandbytes 0.50's CPU backend differs from its own reference in two
+    ways that have nothing to do with the checkpoint format: its native 4-bit dequantize kernel
+    assumes quantization blocks never cross a row (a layer whose row length is not a multiple of
+    the blocksize dequantizes to wrong values), and with AVX512-BF16 ``Linear4bit.forward``
+    repacks the weight on the first eval call (bf16 absmax; the tiny test layers then fail its
+    shape asserts, and a later ``state_dict`` re-quantizes absmax). The comparisons here are
+    against bitsandbytes' portable implementation (what every other CPU runs), so they mean the
+    same on every machine; README lists both behaviours."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return
+    try:
+        import bitsandbytes.nn.modules as bnb_modules
+        from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+        from bitsandbytes.backends.utils import _get_4bit_code
+    except ImportError:
+        return
+
+    def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):  # type: ignore[no-untyped-def]
+        packed = A if A.dtype == torch.uint8 else A.view(torch.uint8)
+        code = _get_4bit_code(quant_type, A.device)
+        return _dequantize_4bit_compute(packed.reshape(-1), absmax, code, blocksize, shape, dtype)
+
+    torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", dequantize_4bit)
+    bnb_modules.has_avx512bf16 = lambda: False
+
+
+_pin_portable_bitsandbytes()
+
+
 def tiny_llama_config():  # type: ignore[no-untyped-def]
     from transformers import LlamaConfig
 

@@ -218,7 +218,7 @@ def test_metadata_in_file(loaded: nn.Module, tmp_path: Path) -> None:
     assert values["general.architecture"] == "sd3" and values["general.name"] == "tiny"
     assert values["quantsave.library"] == "diffusers"
     assert values["quantsave.class_name"] == "SD3Transformer2DModel"
-    assert json.loads(values["quantsave.backends"]) == json.loads((tmp_path / "config.json").read_text())
+    assert json.loads(values["quantsave.config"]) == json.loads((tmp_path / "config.json").read_text())
     assert values["general.quantization_version"] == 2
 
 
@@ -315,7 +315,7 @@ def bool_buffer() -> nn.Module:
         (bool_buffer, {}, "dtype torch.bool"),
         (lambda: nn.Linear(64, 4), {"quant_type": "Q4_K"}, "quant_type"),
         (lambda: nn.Linear(64, 4), {"metadata": {"general.architecture": "x"}}, "architecture="),
-        (lambda: nn.Linear(64, 4), {"metadata": {"quantsave.backends": "{}"}}, "written by quantsave"),
+        (lambda: nn.Linear(64, 4), {"metadata": {"quantsave.config": "{}"}}, "written by quantsave"),
         (lambda: nn.Linear(64, 4), {"metadata": {"a": 1}}, "metadata"),
         (lambda: {"w": torch.ones(2)}, {}, "nn.Module"),
     ],
@@ -562,10 +562,10 @@ def test_crafted_bad_files(name: str, tmp_path: Path) -> None:
 
 def test_bad_embedded_config(tmp_path: Path) -> None:
     path = tmp_path / "cfg.gguf"
-    path.write_bytes(gguf_bytes(kv_string("quantsave.backends", "{not json"), 1))
+    path.write_bytes(gguf_bytes(kv_string("quantsave.config", "{not json"), 1))
     with pytest.raises(qs.CheckpointError, match=r"quantsave\.config"):
         qs.load_gguf(path)
-    path.write_bytes(gguf_bytes(_s("quantsave.backends") + struct.pack("<II", 4, 7), 1))
+    path.write_bytes(gguf_bytes(_s("quantsave.config") + struct.pack("<II", 4, 7), 1))
     with pytest.raises(qs.CheckpointError, match="must be a string"):
         qs.load_gguf(path)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,9 +10,10 @@ from torch import nn
 
 from quantsave.backends.config import QuantizationConfig
 from quantsave.checkpoint.checksums import check_checksums
+from quantsave.checkpoint.reader import open_checkpoint
 from quantsave.errors import CheckpointError
 from quantsave.families import is_pipeline
-from quantsave.load import find_weights, load_model
+from quantsave.load import load_model
 from quantsave.load import load_state_dict as _load_state_dict
 from quantsave.pipeline import save_pipeline
 from quantsave.save import SaveResult, save_model
@@ -116,12 +116,10 @@ def load_quantized(
             ``verify=True`` a checksum mismatch or no recorded checksums.
     """
     if verify:
-        path = Path(directory)
-        folder = path if path.is_dir() else path.parent
-        files, _, _ = find_weights(folder, variant) if path.is_dir() else ([path], None, None)
-        problems = check_checksums(folder, files)
+        found = open_checkpoint(directory, variant=variant, headers=False)
+        problems = check_checksums(found.directory, found.files)
         if problems:
-            raise CheckpointError(f"checkpoint in {folder} fails its checksums: " + "; ".join(problems))
+            raise CheckpointError(f"checkpoint in {found.directory} fails its checksums: " + "; ".join(problems))
     return load_model(directory, model, device=device, variant=variant)
 
 

@@ -137,7 +137,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from quantsave.diagnostics.inspect import find_checkpoint
+    from quantsave.checkpoint.reader import open_checkpoint
     from quantsave.diagnostics.verify import verify_checkpoint
 
     directory = Path(args.directory)
@@ -145,13 +145,14 @@ def _verify(args: argparse.Namespace) -> int:
     if args.checksums:
         from quantsave.checkpoint.checksums import check_checksums, read_checksums
 
-        found = find_checkpoint(directory, args.variant)  # a missing folder is reported first
+        # A missing folder is reported first; a broken index by the checks below.
+        found = open_checkpoint(directory, variant=args.variant, strict=False, headers=False)
         if read_checksums(directory) is None:
             raise ValueError(
                 f"--checksums: no checksums are recorded in {directory} (save or convert with checksums=True)"
             )
         # Missing shards are reported by the checks below.
-        checksum_problems = check_checksums(directory, [f for f in found.shards if f.is_file()])
+        checksum_problems = check_checksums(directory, [f for f in found.files if f.is_file()])
     problems, count = verify_checkpoint(directory, variant=args.variant, progress=_progress(args, "verifying"))
     problems = checksum_problems + problems
     for p in problems:

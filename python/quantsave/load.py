@@ -4,7 +4,6 @@ file through the Rust reader, view tensors without copies, and rebuild quantized
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,99 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantsave import _core
 from quantsave.backends.config import QuantizationConfig, resolve_config
 from quantsave.backends.registry import get_quantizer
-from quantsave.checkpoint.tensors import tensor_from_map
+from quantsave.checkpoint.reader import Checkpoint, open_checkpoint
 from quantsave.errors import CheckpointError
-from quantsave.families import FAMILIES, TRANSFORMERS, family_of
+from quantsave.families import TRANSFORMERS, family_of
 
-__all__ = ["load_state_dict", "load_checkpoint", "load_model", "read_config", "find_weights"]
-
-
-def read_config(directory: Path) -> dict[str, Any] | None:
-    """``config.json`` as a dict, or None when absent."""
-    path = directory / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, an over-long integer, deep nesting
-        raise CheckpointError(f"invalid checkpoint file {path}: config.json is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"invalid checkpoint file {path}: config.json is not a JSON object")
-    return data
-
-
-def _weights_names(config: dict[str, Any] | None) -> list[str]:
-    names = [f.weights_name for f in FAMILIES]
-    if config is not None and "_class_name" in config:
-        return names
-    return sorted(set(names), key=lambda n: n != "model.safetensors")
-
-
-def find_weights(
-    directory: Path, variant: str | None = None
-) -> tuple[list[Path], dict[str, str] | None, Path | None]:
-    """The shard files of the checkpoint in ``directory`` and, when sharded, its weight map and
-    index file.
-
-    Raises:
-        FileNotFoundError: no weights file.
-        CheckpointError: a broken index (bad JSON, files outside the folder, missing shards).
-    """
-    if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {str(directory)!r} does not exist")
-    config = read_config(directory)
-    for weights_name in dict.fromkeys(_weights_names(config)):
-        single = directory / _core.add_variant(weights_name, variant)
-        if single.is_file():
-            return [single], None, None
-        index = directory / _core.index_file_name(weights_name, variant)
-        if index.is_file():
-            files, weight_map = _read_index(directory, index)
-            return files, weight_map, index
-    if (directory / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"{str(directory)!r} is a pipeline folder (model_index.json): load it with "
-            "DiffusionPipeline.from_pretrained, or load one component folder (e.g. its 'transformer' subfolder)"
-        )
-    raise FileNotFoundError(
-        f"no safetensors weights in {str(directory)!r}"
-        + (f" for variant {variant!r}" if variant else "")
-        + " (expected model.safetensors, diffusion_pytorch_model.safetensors or a sharded index)"
-    )
-
-
-def _read_index(directory: Path, index: Path) -> tuple[list[Path], dict[str, str]]:
-    def bad(msg: str) -> CheckpointError:
-        return CheckpointError(f"invalid checkpoint file {index}: {msg}")
-
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, an over-long integer, deep nesting
-        raise bad(f"not valid JSON: {e}") from e
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise bad("no 'weight_map' object")
-    files: list[Path] = []
-    for key, fname in weight_map.items():
-        if not isinstance(fname, str) or not fname or "/" in fname or "\\" in fname or fname in (".", ".."):
-            raise bad(f"tensor {key!r} maps to {fname!r}, which is not a file in the checkpoint folder")
-        path = directory / fname
-        if path not in files:
-            if not _is_file(path):
-                raise bad(f"shard {fname!r} named for tensor {key!r} does not exist")
-            files.append(path)
-    return files, weight_map
-
-
-def _is_file(path: Path) -> bool:
-    """``path.is_file()``, False where the name cannot even be looked up (too long, ...)."""
-    try:
-        return path.is_file()
-    except OSError:
-        return False
+__all__ = ["load_state_dict", "load_checkpoint", "load_model", "build_skeleton"]
 
 
 def load_state_dict(
@@ -129,48 +42,25 @@ def load_checkpoint(
 ) -> tuple[dict[str, torch.Tensor], QuantizationConfig | None, dict[str, str]]:
     """``load_state_dict`` plus the shards' header metadata, merged (a later shard's entries win,
     as in the references' loaders)."""
-    path = Path(directory)
-    if path.is_file():
-        files, weight_map, index, config = [path], None, None, read_config(path.parent)
-    else:
-        files, weight_map, index = find_weights(path, variant)
-        config = read_config(path)
-    state_dict: dict[str, torch.Tensor] = {}
-    owner: dict[str, Path] = {}
-    metadata: dict[str, str] = {}
-    for f in files:
-        mf = _core.MappedFile(f)
-        metadata.update(mf.header.get("metadata") or {})
-        base = torch.frombuffer(mf, dtype=torch.uint8)
-        for name, dtype, shape, start, end in mf.header["tensors"]:
-            if name in owner:
-                raise CheckpointError(f"invalid checkpoint file {f}: tensor {name!r} also appears in {owner[name]}")
-            if weight_map is not None and weight_map.get(name, f.name) != f.name:
-                raise CheckpointError(
-                    f"invalid checkpoint file {f}: holds tensor {name!r} which the index places in {weight_map[name]!r}"
-                )
-            owner[name] = f
-            try:
-                state_dict[name] = tensor_from_map(base, dtype, shape, start, end)
-            except (ValueError, TypeError, RuntimeError) as e:  # no torch dtype, dims past 2**63 - 1
-                raise CheckpointError(
-                    f"invalid checkpoint file {f}: tensor {name!r} ({dtype} {list(shape)}) "
-                    f"cannot be loaded into torch: {e}"
-                ) from e
-    if weight_map is not None:
-        missing = [k for k in weight_map if k not in state_dict]
-        if missing:
-            raise CheckpointError(
-                f"invalid checkpoint file {index}: it names {len(missing)} tensor(s) absent from their shards, "
-                f"e.g. {missing[0]!r} in {weight_map[missing[0]]!r}"
-            )
-    qconfig = None
-    if config is not None and config.get("quantization_config") is not None:
-        try:
-            qconfig = resolve_config(config["quantization_config"])
-        except ValueError as e:
-            raise CheckpointError(f"invalid checkpoint file {path / 'config.json'}: quantization_config: {e}") from e
-    return state_dict, qconfig, metadata
+    ckpt = open_checkpoint(directory, variant=variant, mapped=True)
+    return ckpt.state_dict(), _quantization_config(ckpt), ckpt.metadata
+
+
+def _quantization_config(ckpt: Checkpoint, *, qmap: bool = False) -> QuantizationConfig | None:
+    """The checkpoint's ``quantization_config``; with ``qmap``, for optimum-quanto's own layout
+    (no ``quantization_config``), the config its ``quanto_qmap.json`` stands for."""
+    raw = ckpt.config.get("quantization_config") if ckpt.config is not None else None
+    if raw is None:
+        if qmap and (ckpt.directory / "quanto_qmap.json").is_file():
+            from quantsave.backends.quanto.quantizer import config_from_qmap
+
+            return config_from_qmap(ckpt.directory / "quanto_qmap.json")
+        return None
+    try:
+        return resolve_config(raw)
+    except ValueError as e:
+        path = ckpt.directory / "config.json"
+        raise CheckpointError(f"invalid checkpoint file {path}: quantization_config: {e}") from e
 
 
 @contextlib.contextmanager
@@ -241,25 +131,18 @@ def load_model(
 ) -> nn.Module:
     """Loads a checkpoint into ``model`` (see ``quantsave.load_quantized``)."""
     path = Path(directory)
-    state_dict, qconfig, metadata = load_checkpoint(path, variant=variant)
+    ckpt = open_checkpoint(path, variant=variant, mapped=True)
+    state_dict, qconfig, metadata = ckpt.state_dict(), _quantization_config(ckpt, qmap=True), ckpt.metadata
     if model is None:
-        model = build_skeleton(
-            path if path.is_dir() else path.parent, read_config(path if path.is_dir() else path.parent)
-        )
+        model = build_skeleton(ckpt.directory, ckpt.config)
     loaded = set(state_dict)
-    folder = path if path.is_dir() else path.parent
-    if qconfig is None and (folder / "quanto_qmap.json").is_file():
-        # optimum-quanto's own layout: the quantization map stands in for quantization_config.
-        from quantsave.backends.quanto.quantizer import config_from_qmap
-
-        qconfig = config_from_qmap(folder / "quanto_qmap.json")
     if qconfig is not None:
         try:
             quantizer = get_quantizer(qconfig)
         except ValueError as e:  # a quant_method quantsave does not know
             raise CheckpointError(f"checkpoint in {path}: config.json: {e}") from e
         try:
-            rest = quantizer.load_into(model, state_dict, metadata, path if path.is_dir() else path.parent)
+            rest = quantizer.load_into(model, state_dict, metadata, ckpt.directory)
         except CheckpointError as e:
             raise CheckpointError(f"checkpoint in {path}: {e}") from e
         loaded |= quantizer.loaded_keys

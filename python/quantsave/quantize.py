@@ -14,6 +14,7 @@ from quantsave import codec
 from quantsave.backends.bitsandbytes.config import BitsAndBytesConfig
 from quantsave.backends.bitsandbytes.quantizer import import_bnb
 from quantsave.backends.config import resolve_config
+from quantsave.backends.modules import replace_module
 from quantsave.backends.quanto.config import QuantoConfig
 from quantsave.backends.torchao.config import TorchAoConfig
 from quantsave.families import DIFFUSERS, TRANSFORMERS, family_of
@@ -135,8 +136,6 @@ def quantize(
     # bnb_targets lists nn.Linear layers only.
     targets = [(name, cast(nn.Linear, model.get_submodule(name))) for name in names]
     for name, lin in targets:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         device = lin.weight.device
         weight = lin.weight.detach()
         bias = lin.bias
@@ -200,8 +199,7 @@ def quantize(
                 )
         if bias is not None:
             new.bias = nn.Parameter(bias.detach(), requires_grad=False)
-        new = new.to(device)
-        setattr(parent, leaf, new)
+        replace_module(model, name, new.to(device))
     model._quantsave_config = config  # type: ignore[assignment]
     return model
 

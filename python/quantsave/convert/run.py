@@ -37,9 +37,10 @@ from quantsave.backends.bitsandbytes.config import BitsAndBytesConfig
 from quantsave.backends.bitsandbytes.quantizer import BitsAndBytesQuantizer
 from quantsave.backends.config import resolve_config
 from quantsave.checkpoint.commit import staged_directory
+from quantsave.checkpoint.reader import open_checkpoint, read_config
 from quantsave.errors import CheckpointError
 from quantsave.families import DIFFUSERS, TRANSFORMERS, Family, dump_json, family_of, model_config_files
-from quantsave.load import build_skeleton, find_weights, read_config
+from quantsave.load import build_skeleton
 from quantsave.quantize import bnb_targets
 from quantsave.save import SaveResult, _parse_shard_size, finish_checkpoint, fsync_enabled, write_checksums
 
@@ -138,19 +139,10 @@ def _bnb_config(quantization_config: Any) -> BitsAndBytesConfig:
 
 
 def _read_source(path: Path) -> _Source:
-    if path.is_file():
-        folder, files = path.parent, [path]
-    else:
-        folder = path
-        files, _weight_map, _index = find_weights(path)
-    config = read_config(folder)
-    tensors: dict[str, tuple[int, str, list[int]]] = {}
-    for i, f in enumerate(files):
-        for name, dtype, shape, _start, _end in _core.read_header(f)["tensors"]:
-            if name in tensors:
-                raise CheckpointError(f"invalid checkpoint in {folder}: tensor {name!r} is in two files")
-            tensors[name] = (i, dtype, list(shape))
-    return _Source(folder, files, tensors, config)
+    ckpt = open_checkpoint(path)
+    number = {f: i for i, f in enumerate(ckpt.files)}
+    tensors = {name: (number[t.file], t.dtype, t.shape) for name, t in ckpt.tensors.items()}
+    return _Source(ckpt.directory, ckpt.files, tensors, ckpt.config)
 
 
 def _convert_model(
@@ -597,7 +589,7 @@ def _convert_pipeline(
 
 def _has_weights(folder: Path) -> bool:
     try:
-        find_weights(folder)
+        open_checkpoint(folder, headers=False)
     except (FileNotFoundError, CheckpointError):
         return False
     return True

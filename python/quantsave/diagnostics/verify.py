@@ -9,15 +9,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from quantsave import _core
 from quantsave.backends.config import QuantizationConfig, resolve_config
 from quantsave.backends.registry import get_quantizer
-from quantsave.diagnostics.inspect import find_checkpoint, read_bytes, weight_map_of
-from quantsave.load import read_config
+from quantsave.checkpoint.reader import Checkpoint, open_checkpoint
 
 __all__ = ["verify_checkpoint"]
-
-_Tensors = dict[str, tuple[str, list[int], Path, int, int]]
 
 
 def verify_checkpoint(
@@ -32,50 +28,18 @@ def verify_checkpoint(
         FileNotFoundError: the folder does not exist or is not a checkpoint.
     """
     try:
-        ckpt = find_checkpoint(directory, variant)
+        ckpt = open_checkpoint(directory, variant=variant, strict=False, confined=True, progress=progress)
     except RecursionError as e:  # json gives up on an index nested this deep
         return [f"{directory}: the shard index is not valid JSON: {e}"], 0
-    problems = list(ckpt.problems)
-    weight_map = weight_map_of(ckpt)
-    tensors: _Tensors = {}
-    metadata: dict[str, str] = {}
-    read: set[str] = set()  # shards whose header was valid (an unreadable one is reported once)
-    for path in progress(ckpt.shards):
-        try:
-            header = _core.read_header(path)
-        except (ValueError, OSError) as e:
-            problems.append(f"{path}: {e}" if str(path) not in str(e) else str(e))
-            continue
-        read.add(path.name)
-        if (header.get("metadata") or {}).get("format") != "pt":
-            problems.append(f"{path}: header metadata lacks {{'format': 'pt'}}")
-        metadata.update(header.get("metadata") or {})
-        for name, dt, shape, start, end in header["tensors"]:
-            if name in tensors:
-                problems.append(f"{path}: tensor {name!r} also appears in {tensors[name][2].name}")
-                continue
-            if weight_map is not None and weight_map.get(name) != path.name:
-                where = weight_map.get(name)
-                problems.append(
-                    f"{path}: holds tensor {name!r} which the index "
-                    + (f"places in {where!r}" if where else "does not list")
-                )
-            tensors[name] = (dt, list(shape), path, start, end)
-    if weight_map is not None and ckpt.index is not None:
-        for key, fname in weight_map.items():
-            if key not in tensors and fname in read:
-                problems.append(f"{ckpt.index}: tensor {key!r} is not in its shard {fname!r}")
-    problems += _check_config(directory, tensors, metadata)
-    return problems, len(tensors)
+    return ckpt.problems + _check_config(ckpt), len(ckpt.tensors)
 
 
-def _check_config(directory: Path, tensors: _Tensors, metadata: dict[str, str]) -> list[str]:
-    path = directory / "config.json"
-    try:
-        config = read_config(directory)
-    except ValueError as e:
-        return [str(e)]
-    raw = config.get("quantization_config") if config else None
+def _check_config(ckpt: Checkpoint) -> list[str]:
+    path = ckpt.directory / "config.json"
+    tensors = ckpt.tensors
+    if ckpt.config is None and path.is_file():
+        return []  # config.json itself is broken: the reader reported it
+    raw = ckpt.config.get("quantization_config") if ckpt.config else None
     if raw is None:
         if tensors and any(".quant_state.bitsandbytes__" in k or k.endswith(".SCB") for k in tensors):
             return [f"{path}: the tensors are bitsandbytes-quantized but config.json has no quantization_config"]
@@ -90,15 +54,16 @@ def _check_config(directory: Path, tensors: _Tensors, metadata: dict[str, str]) 
         get_quantizer(qconfig)
     except ValueError as e:
         return [f"{path}: quantization_config: {e}"]
-    return [f"{path}: {p}" for p in _check_method(qconfig, tensors, metadata)]
+    return [f"{path}: {p}" for p in _check_method(qconfig, ckpt)]
 
 
-def _check_method(qconfig: QuantizationConfig, tensors: _Tensors, metadata: dict[str, str]) -> list[str]:
+def _check_method(qconfig: QuantizationConfig, ckpt: Checkpoint) -> list[str]:
     """Problems with the tensors' layout for the config's ``quant_method``."""
+    tensors, metadata = ckpt.tensors, ckpt.metadata
     method = qconfig.method
     if method == "bitsandbytes":
         if getattr(qconfig, "load_in_4bit", False):
-            return _check_bnb4(qconfig, tensors)
+            return _check_bnb4(qconfig, ckpt)
         if getattr(qconfig, "load_in_8bit", False):
             scb = [k for k in tensors if k.endswith(".SCB")]
             if not scb:
@@ -106,7 +71,7 @@ def _check_method(qconfig: QuantizationConfig, tensors: _Tensors, metadata: dict
             return [
                 f"tensor {k!r} has no int8 weight {k[:-3] + 'weight'!r}"
                 for k in scb
-                if tensors.get(k[:-3] + "weight", ("",))[0] != "I8"
+                if k[:-3] + "weight" not in tensors or tensors[k[:-3] + "weight"].dtype != "I8"
             ]
         return []
     if method == "torchao":
@@ -120,7 +85,8 @@ def _check_method(qconfig: QuantizationConfig, tensors: _Tensors, metadata: dict
     return []
 
 
-def _check_bnb4(qconfig: Any, tensors: _Tensors) -> list[str]:
+def _check_bnb4(qconfig: Any, ckpt: Checkpoint) -> list[str]:
+    tensors = ckpt.tensors
     quant_type = getattr(qconfig, "bnb_4bit_quant_type", "fp4")
     double = bool(getattr(qconfig, "bnb_4bit_use_double_quant", False))
     states = [k for k in tensors if ".weight.quant_state.bitsandbytes__" in k]
@@ -137,11 +103,10 @@ def _check_bnb4(qconfig: Any, tensors: _Tensors) -> list[str]:
         if double:
             needed += [base + ".nested_absmax", base + ".nested_quant_map"]
         problems += [f"quantized weight {base!r} lacks tensor {n!r}" for n in needed if n not in tensors]
-        if base in tensors and tensors[base][0] != "U8":
-            problems.append(f"tensor {base!r} is {tensors[base][0]}, expected packed U8")
-        _dt, _shape, path, start, end = tensors[key]
+        if base in tensors and tensors[base].dtype != "U8":
+            problems.append(f"tensor {base!r} is {tensors[base].dtype}, expected packed U8")
         try:
-            state = json.loads(read_bytes(path, start, end).decode("utf-8"))
+            state = json.loads(ckpt.read_bytes(key).decode("utf-8"))
             ok = (
                 isinstance(state, dict)
                 and state.get("quant_type") == quant_type

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from quantsave.backends.bitsandbytes.config import BitsAndBytesConfig
+from quantsave.backends.modules import linear_at, replace_module
 from quantsave.backends.quantizer import Quantizer
 from quantsave.errors import CheckpointError
 
@@ -201,18 +202,7 @@ class BitsAndBytesQuantizer(Quantizer):
                     f"config.json says bitsandbytes {expected}, but the tensors of {prefix!r} are {qtype}"
                 )
         for prefix, (bits, _qtype) in prefixes.items():
-            parent, _, leaf = prefix.rpartition(".")
-            try:
-                holder = model.get_submodule(parent) if parent else model
-                old = getattr(holder, leaf)
-            except AttributeError:
-                raise CheckpointError(
-                    f"checkpoint has quantized weight {prefix!r} but the model has no such module"
-                ) from None
-            if not isinstance(old, nn.Linear):
-                raise CheckpointError(
-                    f"checkpoint quantizes {prefix!r} but the model's module there is {type(old).__name__}, not Linear"
-                )
+            old = linear_at(model, prefix)
             t = members[prefix]
             has_bias = old.bias is not None
             if bits == 4:
@@ -267,5 +257,5 @@ class BitsAndBytesQuantizer(Quantizer):
                     device="meta",
                 )
                 new.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False, CB=w, SCB=scb)
-            setattr(holder, leaf, new)
+            replace_module(model, prefix, new)
         return rest

@@ -33,11 +33,13 @@ from quantsave.backends.gguf.reader import MAX_DIMS as _MAX_DIMS
 from quantsave.backends.gguf.reader import STRING as _STRING
 from quantsave.backends.gguf.reader import TensorInfo as _TensorInfo
 from quantsave.backends.gguf.reader import map_gguf as _map
+from quantsave.backends.modules import replace_module
 from quantsave.checkpoint.commit import fsync_dir
+from quantsave.checkpoint.reader import read_config
 from quantsave.checkpoint.tensors import byte_view, is_wrapper_subclass, tensor_from_map
 from quantsave.errors import CheckpointError
 from quantsave.families import DIFFUSERS, PLAIN, family_of, is_pipeline, model_config_files
-from quantsave.load import _empty_weights, build_skeleton, read_config
+from quantsave.load import _empty_weights, build_skeleton
 from quantsave.save import SaveResult, fsync_enabled
 
 __all__ = ["QUANTIZE_TYPES", "load_gguf", "save_gguf"]
@@ -45,7 +47,7 @@ __all__ = ["QUANTIZE_TYPES", "load_gguf", "save_gguf"]
 #: KV keys that make a quantsave file self-describing.
 KEY_LIBRARY = "quantsave.library"
 KEY_CLASS = "quantsave.class_name"
-KEY_CONFIG = "quantsave.backends"
+KEY_CONFIG = "quantsave.config"
 KEY_VERSION = "quantsave.version"
 _ARCH = "general.architecture"
 _QUANT_VERSION = "general.quantization_version"
@@ -439,5 +441,4 @@ def _swap_in_gguf_linear(model: nn.Module, name: str, weight: torch.Tensor, dtyp
     new.source_cls = getattr(old, "source_cls", type(old))
     new.requires_grad_(False)
     new.weight = weight
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
+    replace_module(model, name, new)

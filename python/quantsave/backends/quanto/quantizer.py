@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from quantsave.backends.config import QuantizationConfig
+from quantsave.backends.modules import linear_at, replace_module
 from quantsave.backends.quantizer import Quantizer
 from quantsave.backends.quanto.config import QuantoConfig
 from quantsave.errors import CheckpointError
@@ -44,6 +45,10 @@ __all__ = ["QMAP_NAME", "QuantoQuantizer", "import_quanto", "is_qmodule"]
 
 #: The file optimum-quanto's ``QuantizedDiffusersModel``/``QuantizedTransformersModel`` read.
 QMAP_NAME = "quanto_qmap.json"
+_NOT_LINEAR = (
+    ": only quantized Linear layers can be loaded (quanto's QConv2d/QLayerNorm are not part "
+    "of the diffusers format, and diffusers would load them as NaN)"
+)
 #: Key suffixes of a quantized weight (longest first); ``_scale_shift`` is TinyGemm's in-memory
 #: form, never valid in a file, listed so it is reported instead of ignored.
 _WEIGHT_SUFFIXES = (".weight._data._data", ".weight._scale_shift", ".weight._data", ".weight._scale", ".weight._shift")
@@ -300,22 +305,8 @@ class QuantoQuantizer(Quantizer):
         self._check_qmap(members, directory)
         qtype = quanto.qtypes[_QTYPE_OF[self.config.weights_dtype]]
         for prefix, tensors in members.items():
-            parent, _, leaf = prefix.rpartition(".")
-            try:
-                holder = model.get_submodule(parent) if parent else model
-                old = getattr(holder, leaf)
-            except AttributeError:
-                raise CheckpointError(
-                    f"checkpoint has quantized weight {prefix!r} but the model has no such module"
-                ) from None
-            if not isinstance(old, nn.Linear):
-                raise CheckpointError(
-                    f"checkpoint quantizes {prefix!r} but the model's module there is {type(old).__name__}: "
-                    "only quantized Linear layers can be loaded (quanto's QConv2d/QLayerNorm are not part "
-                    "of the diffusers format, and diffusers would load them as NaN)"
-                )
-            new = _build_qlinear(quanto, prefix, old, qtype, tensors)
-            setattr(holder, leaf, new)
+            old = linear_at(model, prefix, not_linear=_NOT_LINEAR)
+            replace_module(model, prefix, _build_qlinear(quanto, prefix, old, qtype, tensors))
         return rest
 
     def _check_qmap(self, members: dict[str, dict[str, torch.Tensor]], directory: Path) -> None:
