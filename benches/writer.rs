@@ -1,5 +1,7 @@
 //! Writer and reader throughput: `write_shards` of 256 MiB (64 tensors of 4 MiB) as one shard
-//! or four, per strategy, fsync off and once on; and `map_file` plus a pass over every tensor.
+//! or four, per strategy (the production writer against the losing ones kept in
+//! `safetensors::bench_strategies`), fsync off and once on; and `map_file` plus a pass over
+//! every tensor.
 //!
 //! `cargo bench --bench writer` (add `-- --quick` for a fast check).
 
@@ -11,9 +13,8 @@ use std::time::{Duration, Instant};
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
-use quantsave::safetensors::{
-    map_file, write_shards, ShardSpec, TensorView, WriteOptions, WriteStrategy,
-};
+use quantsave::safetensors::bench_strategies::{write_shards_with, StrategyOptions, WriteStrategy};
+use quantsave::safetensors::{map_file, write_shards, ShardSpec, TensorView, WriteOptions};
 use quantsave::Dtype;
 
 const TENSORS: usize = 64;
@@ -80,10 +81,10 @@ fn bench_write(c: &mut Criterion) {
         ("write_fsync", WriteStrategy::Write, true, 1),
     ];
     for (label, strategy, fsync, count) in cases {
-        let opts = WriteOptions {
+        let opts = StrategyOptions {
             fsync,
             strategy,
-            ..WriteOptions::default()
+            ..StrategyOptions::default()
         };
         let shards = specs(dir.path(), &data, count);
         group.bench_function(BenchmarkId::new(label, format!("{count}_shards")), |b| {
@@ -93,7 +94,7 @@ fn bench_write(c: &mut Criterion) {
                     // Deleting last round's files (freeing their pages) is not part of a write.
                     remove_all(&shards);
                     let start = Instant::now();
-                    black_box(write_shards(&shards, &opts).expect("write_shards"));
+                    black_box(write_shards_with(&shards, &opts).expect("write_shards"));
                     total += start.elapsed();
                 }
                 total

@@ -107,6 +107,11 @@ impl Dtype {
         let bits = numel.checked_mul(self.bits())?;
         (bits % 8 == 0).then_some(bits / 8)
     }
+
+    /// Byte size of a tensor of `shape`, or `None` on overflow or a partial byte.
+    pub fn shape_bytes(self, shape: &[u64]) -> Option<u64> {
+        numel(shape).and_then(|n| self.byte_size(n))
+    }
 }
 
 impl fmt::Display for Dtype {

@@ -1,8 +1,8 @@
-//! Shard planning: which tensors go to which file, and the file names. Reproduces
+//! Shard planning: which tensors go to which file, and shard sizes. Reproduces
 //! `huggingface_hub.split_torch_state_dict_into_shards` (greedy in order, an oversize unit gets
 //! a shard of its own, decimal size units) with one deliberate difference: the tensors of one
 //! quantized weight form a single unit that is never split across files.
-//! Knows nothing about files or Python.
+//! File names belong to `names`; knows nothing about files or Python.
 
 use crate::error::{Error, Result};
 
@@ -70,40 +70,6 @@ pub fn plan_shards(entries: &[PlanEntry], max_shard_size: u64) -> Plan {
         shards,
         total_size: total,
     }
-}
-
-/// Inserts `variant` before the last dot of `name` (`model.safetensors` + `fp16` ->
-/// `model.fp16.safetensors`), as diffusers and transformers do.
-pub fn add_variant(name: &str, variant: Option<&str>) -> String {
-    match variant {
-        None => name.to_string(),
-        Some(v) => match name.rfind('.') {
-            Some(dot) => format!("{}.{v}{}", &name[..dot], &name[dot..]),
-            None => format!("{name}.{v}"),
-        },
-    }
-}
-
-/// File names for `count` shards of `weights_name`: the name itself for one shard, else
-/// `<stem>-00001-of-00003.<ext>` (variant, if any, before the suffix).
-pub fn shard_file_names(weights_name: &str, variant: Option<&str>, count: usize) -> Vec<String> {
-    let base = add_variant(weights_name, variant);
-    if count <= 1 {
-        return vec![base];
-    }
-    let (stem, ext) = match base.rfind('.') {
-        Some(dot) => (&base[..dot], &base[dot..]),
-        None => (base.as_str(), ""),
-    };
-    (1..=count)
-        .map(|i| format!("{stem}-{i:05}-of-{count:05}{ext}"))
-        .collect()
-}
-
-/// The index file name for `weights_name` (`model.safetensors` -> `model.safetensors.index.json`,
-/// with a variant `model.safetensors.index.fp16.json`).
-pub fn index_file_name(weights_name: &str, variant: Option<&str>) -> String {
-    add_variant(&format!("{weights_name}.index.json"), variant)
 }
 
 /// Parses a shard size: plain bytes (`"1000"`), decimal units (`"5GB"` = 5 * 10^9, `KB`, `MB`,

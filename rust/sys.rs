@@ -1,10 +1,11 @@
 //! The few operating-system calls that differ between platforms, each with a portable meaning:
-//! positional writes, page-cache hints and folder fsync. Hints are no-ops where the platform
-//! has none; nothing else in the crate names a platform.
+//! positional writes, page-cache hints, folder fsync, atomic path exchange and fork detection.
+//! Hints are no-ops where the platform has none; nothing else in the crate names a platform.
 
 use std::fs::File;
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Writes all of `buf` at byte `offset` of `file`, leaving other threads' writes at other
 /// offsets undisturbed.
@@ -102,4 +103,79 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
         let _ = dir;
         Ok(())
     }
+}
+
+/// Swaps two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`, macOS
+/// `renamex_np(RENAME_SWAP)`): afterwards each name points to what the other did. `Ok(false)`
+/// where the platform or the filesystem cannot exchange (the caller falls back to two renames);
+/// a path with a NUL byte is an `InvalidInput` error.
+#[cfg_attr(not(feature = "python"), allow(dead_code))]
+pub fn exchange_paths(a: &Path, b: &Path) -> io::Result<bool> {
+    #[cfg(any(target_os = "linux", target_os = "macos"))]
+    {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let c_path = |p: &Path| {
+            CString::new(p.as_os_str().as_bytes()).map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte")
+            })
+        };
+        let (ca, cb) = (c_path(a)?, c_path(b)?);
+        // SAFETY: both pointers are valid NUL-terminated strings for the duration of the call.
+        #[cfg(target_os = "linux")]
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                ca.as_ptr(),
+                libc::AT_FDCWD,
+                cb.as_ptr(),
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        // SAFETY: as above.
+        #[cfg(target_os = "macos")]
+        let rc = unsafe { libc::renamex_np(ca.as_ptr(), cb.as_ptr(), libc::RENAME_SWAP) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        // (ENOTSUP is EOPNOTSUPP on Linux, a separate value on macOS.)
+        let cannot = [libc::EINVAL, libc::ENOSYS, libc::EOPNOTSUPP, libc::ENOTSUP];
+        match err.raw_os_error() {
+            Some(code) if cannot.contains(&code) => Ok(false),
+            _ => Err(err),
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "macos")))]
+    {
+        let _ = (a, b);
+        Ok(false)
+    }
+}
+
+/// Set in a child process created by `fork()` once [`watch_fork`] ran in its parent.
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+#[cfg(unix)]
+extern "C" fn mark_forked() {
+    FORKED.store(true, Ordering::SeqCst);
+}
+
+/// Makes [`forked`] report true in every child this process forks from now on (torch
+/// DataLoader workers, multiprocessing), whose copies of the parent's threads do not exist.
+/// Windows has no fork: there it does nothing.
+#[cfg_attr(not(feature = "python"), allow(dead_code))]
+pub fn watch_fork() {
+    // SAFETY: `mark_forked` only stores to an atomic, which is async-signal-safe as a fork
+    // child handler must be; the other two handlers are absent.
+    #[cfg(unix)]
+    unsafe {
+        libc::pthread_atfork(None, None, Some(mark_forked));
+    }
+}
+
+/// Whether this process is a child forked after [`watch_fork`].
+#[cfg_attr(not(feature = "python"), allow(dead_code))]
+pub fn forked() -> bool {
+    FORKED.load(Ordering::SeqCst)
 }

@@ -1,5 +1,6 @@
 """Type stubs for the Rust extension ``quantsave._core``."""
 
+import builtins
 import sys
 from collections.abc import Sequence
 from os import PathLike
@@ -14,15 +15,20 @@ __all__ = [
     "shard_file_names",
     "index_file_name",
     "add_variant",
+    "is_shard_name",
+    "is_temp_name",
+    "temp_path",
     "parse_size",
-    "render_index_json",
+    "dtype_nbytes",
     "read_header",
     "MappedFile",
     "StreamWriter",
+    "ConvertOp",
     "Conversion",
     "absmax_4bit",
     "sha256_files",
     "exchange_paths",
+    "fsync_dir",
     "quantize_4bit",
     "dequantize_4bit",
     "quantize_dynamic",
@@ -54,8 +60,6 @@ def write_shards(
     shards: Sequence[_Shard],
     *,
     fsync: bool = False,
-    strategy: str = "write",
-    chunk_size: int = 16777216,
     checksums: Literal[False] = False,
 ) -> list[int]: ...
 @overload
@@ -63,12 +67,11 @@ def write_shards(
     shards: Sequence[_Shard],
     *,
     fsync: bool = False,
-    strategy: str = "write",
-    chunk_size: int = 16777216,
     checksums: Literal[True],
 ) -> list[tuple[int, str]]: ...
 def sha256_files(paths: Sequence[str | PathLike[str]]) -> list[str]: ...
 def exchange_paths(a: str | PathLike[str], b: str | PathLike[str]) -> bool: ...
+def fsync_dir(path: str | PathLike[str]) -> None: ...
 def write_bytes_atomic(path: str | PathLike[str], data: bytes, *, fsync: bool = False) -> None: ...
 def plan_shards(
     sizes: Sequence[int], groups: Sequence[int | None], max_shard_size: int
@@ -76,8 +79,11 @@ def plan_shards(
 def shard_file_names(weights_name: str, variant: str | None, count: int) -> list[str]: ...
 def index_file_name(weights_name: str, variant: str | None) -> str: ...
 def add_variant(add_variant_name: str, variant: str | None) -> str: ...
+def is_shard_name(file_name: str, weights_name: str, variant: str | None) -> bool: ...
+def is_temp_name(file_name: str) -> bool: ...
+def temp_path(path: str | PathLike[str]) -> str: ...
 def parse_size(text: str) -> int: ...
-def render_index_json(metadata_json: str, weight_map: dict[str, str]) -> str: ...
+def dtype_nbytes(dtype: str, shape: Sequence[int]) -> int: ...
 def read_header(path: str | PathLike[str]) -> Header: ...
 
 @final
@@ -121,17 +127,42 @@ def quantize_int8_rows(input: Any, rows: int, cols: int, q: Any, scb: Any) -> No
 _ConvertShard = tuple[str | PathLike[str], Sequence[tuple[str, str, Sequence[int]]], dict[str, str] | None]
 
 @final
+class ConvertOp:
+    """One tensor group a ``Conversion`` produces; built only by the static constructors.
+    ``file`` indexes the conversion's sources, ``shard`` its shards; ``name`` is a source
+    tensor, the other names are tensors of that shard."""
+
+    @staticmethod
+    def copy(*, file: int, name: str, shard: int, target: str) -> ConvertOp: ...
+    @staticmethod
+    def bytes(*, data: builtins.bytes, shard: int, target: str) -> ConvertOp: ...
+    @staticmethod
+    def quant4(
+        *,
+        file: int,
+        name: str,
+        quant_type: Literal["nf4", "fp4"],
+        blocksize: int,
+        shard: int,
+        packed: str,
+        absmax: str,
+        nested: tuple[float, str] | None = None,
+    ) -> ConvertOp: ...
+    @staticmethod
+    def int8(*, file: int, name: str, rows: int, cols: int, shard: int, weight: str, scb: str) -> ConvertOp: ...
+    @property
+    def kind(self) -> Literal["copy", "bytes", "quant4", "int8"]: ...
+
+@final
 class Conversion:
-    """A streaming conversion; ops are ``("copy", file, name, shard, out)``,
-    ``("bytes", data, shard, out)``, ``("quant4", file, name, quant_type, blocksize, shard,
-    packed, absmax, nested)`` with ``nested`` None or ``(offset, nested_absmax)``, and
-    ``("int8", file, name, rows, cols, shard, weight, scb)``."""
+    """A streaming conversion of ``sources`` into ``shards``, one ``ConvertOp`` per produced
+    tensor group."""
 
     def __new__(
         cls,
         sources: Sequence[str | PathLike[str]],
         shards: Sequence[_ConvertShard],
-        ops: Sequence[tuple[Any, ...]],
+        ops: Sequence[ConvertOp],
         chunk_elems: int = ...,  # 4194304 (1 << 22)
         fsync: bool = False,
     ) -> Conversion: ...

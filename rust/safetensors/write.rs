@@ -1,6 +1,7 @@
 //! Writing safetensors shards: several files at once, straight from the callers' tensor
 //! memory (no staging copy of a shard), each committed by writing a temporary sibling file and
-//! renaming it into place. Optional fsync of files and folder. Owns file creation; knows no Python.
+//! renaming it into place. Optional fsync of files and folder. Owns file creation and the
+//! commit protocol; the names of the temporaries come from `names`; knows no Python.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -12,42 +13,19 @@ use rayon::prelude::*;
 
 use super::header::{layout, layout_specs, Layout, TensorSpec, TensorView};
 use crate::error::{Error, Result};
-
-/// How bytes reach the file.
-///
-/// Measured on the 2-core development machine (see README): buffered writes into one file are
-/// serialized by the filesystem's inode lock, so `Write` (one thread per file, files in
-/// parallel) is the fastest; chunked parallel `Pwrite` and `Mmap` (page faults per 4 KiB page)
-/// are kept for comparison in the benches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WriteStrategy {
-    /// Sequential `write` of header and tensors (small ones coalesced in a 1 MiB buffer, large
-    /// ones written straight from their memory); one thread per file, files in parallel.
-    Write,
-    /// `pwrite` of each tensor (split into chunks) at its offset; chunks run in parallel.
-    Pwrite,
-    /// Size the file, map it and copy tensors into the map in parallel.
-    Mmap,
-}
+use crate::names::temp_path_for;
 
 /// Options for [`write_shards`].
-#[derive(Debug, Clone)]
+///
+/// Bytes reach each file by sequential `write`s (small tensors coalesced in a 1 MiB buffer,
+/// large ones written straight from their memory), one thread per file, files in parallel:
+/// measured on the 2-core development machine (see README), buffered writes into one file are
+/// serialized by the filesystem's inode lock, so this beat chunked parallel `pwrite` and
+/// mapped writes, which `bench_strategies` keeps for the benches.
+#[derive(Debug, Clone, Default)]
 pub struct WriteOptions {
     /// fsync every file before its rename and the folder after.
     pub fsync: bool,
-    pub strategy: WriteStrategy,
-    /// Largest piece handed to one `pwrite`/copy; big tensors are split so threads share them.
-    pub chunk_size: usize,
-}
-
-impl Default for WriteOptions {
-    fn default() -> Self {
-        WriteOptions {
-            fsync: false,
-            strategy: WriteStrategy::Write,
-            chunk_size: 16 << 20,
-        }
-    }
 }
 
 /// One file to write.
@@ -56,19 +34,6 @@ pub struct ShardSpec<'a> {
     pub path: PathBuf,
     pub tensors: Vec<TensorView<'a>>,
     pub metadata: Option<BTreeMap<String, String>>,
-}
-
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// The temporary sibling a file is written to before its rename. Starts with a dot and
-/// ends in `.tmp`, so checkpoint loaders never mistake it for a shard.
-pub fn temp_path_for(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    path.with_file_name(format!(".{name}.{}-{n}.quantsave.tmp", std::process::id()))
 }
 
 /// Removes temporaries on drop unless they were committed.
@@ -113,6 +78,23 @@ fn write_shards_impl(
     opts: &WriteOptions,
     hash: bool,
 ) -> Result<Vec<(u64, Option<String>)>> {
+    write_and_commit(shards, opts.fsync, hash, |layouts, files| {
+        write_sequential(shards, layouts, files, opts.fsync)
+    })
+}
+
+/// The commit protocol around one way of filling files: lays out every shard, creates each
+/// temporary sibling, lets `fill` write the bytes into them (and, when `fsync` is asked, make
+/// them durable), hashes them from memory meanwhile when `hash` is asked, then renames every
+/// temporary into place (and fsyncs the folders). Whatever fails, no target file is touched
+/// before every file is complete and no temporary is left behind. Returns each file's size and
+/// digest.
+pub(crate) fn write_and_commit(
+    shards: &[ShardSpec<'_>],
+    fsync: bool,
+    hash: bool,
+    fill: impl FnOnce(&[Layout], &[File]) -> Result<()>,
+) -> Result<Vec<(u64, Option<String>)>> {
     let layouts: Vec<Layout> = shards
         .iter()
         .map(|s| {
@@ -122,7 +104,7 @@ fn write_shards_impl(
         .collect::<Result<_>>()?;
     let mut temps = TempFiles(Vec::with_capacity(shards.len()));
     let mut files = Vec::with_capacity(shards.len());
-    for (shard, lay) in shards.iter().zip(&layouts) {
+    for shard in shards {
         let tmp = temp_path_for(&shard.path);
         let file = OpenOptions::new()
             .read(true)
@@ -131,10 +113,6 @@ fn write_shards_impl(
             .open(&tmp)
             .map_err(|e| Error::io(&shard.path, "create", e))?;
         temps.0.push(tmp);
-        if opts.strategy != WriteStrategy::Write {
-            file.set_len(lay.file_size)
-                .map_err(|e| Error::io(&shard.path, "allocate", e))?;
-        }
         files.push(file);
     }
     // Hashing threads read the callers' memory while the writers run: neither waits for the
@@ -143,11 +121,7 @@ fn write_shards_impl(
     let next = AtomicUsize::new(0);
     let hashes: Vec<Option<String>> = std::thread::scope(|scope| -> Result<_> {
         let hashers = hash.then(|| spawn_hashers(scope, shards, &layouts, &next, &cancel));
-        let written = match opts.strategy {
-            WriteStrategy::Write => write_sequential(shards, &layouts, &files, opts.fsync),
-            WriteStrategy::Pwrite => write_pwrite(shards, &layouts, &files, opts.chunk_size),
-            WriteStrategy::Mmap => write_mmap(shards, &layouts, &files, opts),
-        };
+        let written = fill(&layouts, &files);
         if written.is_err() {
             cancel.store(true, Ordering::Relaxed);
         }
@@ -157,13 +131,6 @@ fn write_shards_impl(
         };
         written.map(|()| hashes)
     })?;
-    if opts.fsync && opts.strategy != WriteStrategy::Write {
-        // (The sequential writer fsyncs each file itself, as soon as it is written.)
-        files
-            .par_iter()
-            .zip(shards)
-            .try_for_each(|(f, s)| f.sync_all().map_err(|e| Error::io(&s.path, "fsync", e)))?;
-    }
     drop(files);
     // Commit: rename each temporary into place. A temporary leaves the cleanup list only once
     // its rename succeeded, so a failure removes every one not yet committed.
@@ -172,7 +139,7 @@ fn write_shards_impl(
         fs::rename(&tmp, &shard.path).map_err(|e| Error::io(&shard.path, "rename", e))?;
         temps.0.remove(0);
     }
-    if opts.fsync {
+    if fsync {
         let mut dirs: Vec<&Path> = shards.iter().filter_map(|s| s.path.parent()).collect();
         dirs.sort();
         dirs.dedup();
@@ -278,36 +245,6 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex(&h.finalize()))
 }
 
-/// One contiguous piece of a file: where it goes and the bytes.
-struct Piece<'a> {
-    file: usize,
-    offset: u64,
-    data: &'a [u8],
-}
-
-fn pieces<'a>(shards: &'a [ShardSpec<'a>], layouts: &'a [Layout], chunk: usize) -> Vec<Piece<'a>> {
-    let chunk = chunk.max(4096);
-    let mut out = Vec::new();
-    for (f, (shard, lay)) in shards.iter().zip(layouts).enumerate() {
-        out.push(Piece {
-            file: f,
-            offset: 0,
-            data: &lay.header,
-        });
-        for &i in &lay.order {
-            let t = &shard.tensors[i];
-            for (k, c) in t.data.chunks(chunk).enumerate() {
-                out.push(Piece {
-                    file: f,
-                    offset: lay.offsets[i] + (k * chunk) as u64,
-                    data: c,
-                });
-            }
-        }
-    }
-    out
-}
-
 fn write_sequential(
     shards: &[ShardSpec<'_>],
     layouts: &[Layout],
@@ -375,64 +312,6 @@ impl Writeback {
             self.started = in_file;
         }
     }
-}
-
-fn write_pwrite(
-    shards: &[ShardSpec<'_>],
-    layouts: &[Layout],
-    files: &[File],
-    chunk: usize,
-) -> Result<()> {
-    pieces(shards, layouts, chunk).par_iter().try_for_each(|p| {
-        crate::sys::write_all_at(&files[p.file], p.data, p.offset)
-            .map_err(|e| Error::io(&shards[p.file].path, "write", e))
-    })
-}
-
-fn write_mmap(
-    shards: &[ShardSpec<'_>],
-    layouts: &[Layout],
-    files: &[File],
-    opts: &WriteOptions,
-) -> Result<()> {
-    let mut maps = Vec::with_capacity(files.len());
-    for (f, s) in files.iter().zip(shards) {
-        // SAFETY: the file was just created by this process with `create_new` under a unique
-        // temporary name and is not visible to loaders; nothing else maps or truncates it while
-        // the map lives (the map is dropped before the file is renamed).
-        let map =
-            unsafe { memmap2::MmapMut::map_mut(f) }.map_err(|e| Error::io(&s.path, "mmap", e))?;
-        maps.push(map);
-    }
-    // Cut every map into disjoint destination slices, one per piece.
-    let all = pieces(shards, layouts, opts.chunk_size);
-    let mut jobs: Vec<(&mut [u8], &[u8])> = Vec::with_capacity(all.len());
-    let mut by_file: Vec<Vec<&Piece<'_>>> = (0..files.len()).map(|_| Vec::new()).collect();
-    for p in &all {
-        by_file[p.file].push(p);
-    }
-    for (f, map) in maps.iter_mut().enumerate() {
-        let mut list = by_file[f].clone();
-        list.sort_by_key(|p| p.offset);
-        let mut rest: &mut [u8] = &mut map[..];
-        let mut pos = 0u64;
-        for p in list {
-            let skip = (p.offset - pos) as usize;
-            let (_, tail) = rest.split_at_mut(skip);
-            let (dst, tail) = tail.split_at_mut(p.data.len());
-            jobs.push((dst, p.data));
-            rest = tail;
-            pos = p.offset + p.data.len() as u64;
-        }
-    }
-    jobs.par_iter_mut()
-        .for_each(|(dst, src)| dst.copy_from_slice(src));
-    if opts.fsync {
-        for (m, s) in maps.iter().zip(shards) {
-            m.flush().map_err(|e| Error::io(&s.path, "msync", e))?;
-        }
-    }
-    Ok(())
 }
 
 /// fsyncs a folder so a rename inside it is durable.

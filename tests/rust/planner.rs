@@ -1,15 +1,10 @@
-//! Integration tests of `quantsave::plan` (shard planning, file names, size parsing) and
-//! `quantsave::index` (the shard index rendered byte for byte like Python's `json.dumps`).
+//! Integration tests of `quantsave::plan`: shard planning and size parsing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use proptest::prelude::*;
-use quantsave::index::render_index;
-use quantsave::plan::{
-    add_variant, index_file_name, parse_size, plan_shards, shard_file_names, Plan, PlanEntry,
-};
+use quantsave::plan::{parse_size, plan_shards, Plan, PlanEntry};
 use quantsave::Error;
-use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -233,85 +228,6 @@ fn group_ids_are_just_labels() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// File names
-// ---------------------------------------------------------------------------------------------
-
-#[test]
-fn shard_file_names_single_and_many() {
-    assert_eq!(
-        shard_file_names("model.safetensors", None, 1),
-        vec!["model.safetensors"]
-    );
-    assert_eq!(
-        shard_file_names("model.safetensors", None, 0),
-        vec!["model.safetensors"]
-    );
-    assert_eq!(
-        shard_file_names("model.safetensors", None, 3),
-        vec![
-            "model-00001-of-00003.safetensors",
-            "model-00002-of-00003.safetensors",
-            "model-00003-of-00003.safetensors",
-        ]
-    );
-    let many = shard_file_names("model.safetensors", None, 12);
-    assert_eq!(many.len(), 12);
-    assert_eq!(many[11], "model-00012-of-00012.safetensors");
-    let huge = shard_file_names("model.safetensors", None, 100_000);
-    assert_eq!(huge[0], "model-00001-of-100000.safetensors");
-    assert_eq!(huge[99_999], "model-100000-of-100000.safetensors");
-}
-
-#[test]
-fn shard_file_names_with_variant() {
-    assert_eq!(
-        shard_file_names("diffusion_pytorch_model.safetensors", Some("fp16"), 2),
-        vec![
-            "diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
-            "diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
-        ]
-    );
-    assert_eq!(
-        shard_file_names("diffusion_pytorch_model.safetensors", Some("fp16"), 1),
-        vec!["diffusion_pytorch_model.fp16.safetensors"]
-    );
-    assert_eq!(
-        shard_file_names("model.safetensors", Some("int4"), 2)[1],
-        "model.int4-00002-of-00002.safetensors"
-    );
-}
-
-#[test]
-fn index_file_names() {
-    assert_eq!(
-        index_file_name("model.safetensors", None),
-        "model.safetensors.index.json"
-    );
-    assert_eq!(
-        index_file_name("model.safetensors", Some("fp16")),
-        "model.safetensors.index.fp16.json"
-    );
-    assert_eq!(
-        index_file_name("diffusion_pytorch_model.safetensors", Some("fp16")),
-        "diffusion_pytorch_model.safetensors.index.fp16.json"
-    );
-}
-
-#[test]
-fn add_variant_before_the_last_dot() {
-    assert_eq!(add_variant("model.safetensors", None), "model.safetensors");
-    assert_eq!(
-        add_variant("model.safetensors", Some("fp16")),
-        "model.fp16.safetensors"
-    );
-    assert_eq!(
-        add_variant("pytorch_model.bin", Some("bf16")),
-        "pytorch_model.bf16.bin"
-    );
-    assert_eq!(add_variant("a.b.c", Some("v")), "a.b.v.c");
-}
-
-// ---------------------------------------------------------------------------------------------
 // parse_size
 // ---------------------------------------------------------------------------------------------
 
@@ -385,106 +301,6 @@ fn parse_size_errors() {
             other => panic!("{s:?}: expected InvalidInput, got {other:?}"),
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// render_index (expected strings printed by CPython's json.dumps(..., indent=2, sort_keys=True))
-// ---------------------------------------------------------------------------------------------
-
-fn metadata(v: Value) -> BTreeMap<String, Value> {
-    match v {
-        Value::Object(o) => o.into_iter().collect(),
-        _ => panic!("metadata must be an object"),
-    }
-}
-
-fn weight_map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-#[test]
-fn render_index_matches_python() {
-    let got = render_index(
-        &metadata(json!({"total_size": 123, "total_parameters": 45})),
-        &weight_map(&[
-            ("b.weight", "model-00002-of-00002.safetensors"),
-            ("a.weight", "model-00001-of-00002.safetensors"),
-        ]),
-    );
-    let expected = "{\n  \"metadata\": {\n    \"total_parameters\": 45,\n    \"total_size\": 123\n  },\n  \"weight_map\": {\n    \"a.weight\": \"model-00001-of-00002.safetensors\",\n    \"b.weight\": \"model-00002-of-00002.safetensors\"\n  }\n}\n";
-    assert_eq!(got, expected);
-}
-
-#[test]
-fn render_index_escapes_non_ascii_keys() {
-    let got = render_index(
-        &metadata(json!({"total_size": 7})),
-        &weight_map(&[
-            ("\u{e9}.weight", "model.safetensors"),
-            ("\u{1F600}", "x"),
-            ("z", "y"),
-        ]),
-    );
-    let expected = "{\n  \"metadata\": {\n    \"total_size\": 7\n  },\n  \"weight_map\": {\n    \"z\": \"y\",\n    \"\\u00e9.weight\": \"model.safetensors\",\n    \"\\ud83d\\ude00\": \"x\"\n  }\n}\n";
-    assert_eq!(got, expected);
-}
-
-#[test]
-fn render_index_escapes_string_metadata() {
-    let got = render_index(
-        &metadata(json!({"total_size": 1, "format": "say \"hi\" \\ \n\t\u{1}"})),
-        &BTreeMap::new(),
-    );
-    let expected = "{\n  \"metadata\": {\n    \"format\": \"say \\\"hi\\\" \\\\ \\n\\t\\u0001\",\n    \"total_size\": 1\n  },\n  \"weight_map\": {}\n}\n";
-    assert_eq!(got, expected);
-}
-
-#[test]
-fn render_index_nested_metadata_and_floats() {
-    let got = render_index(
-        &metadata(json!({
-            "total_size": 1,
-            "quant": {"bits": 4, "groups": [1, 2], "empty": {}, "list": [], "on": true, "none": null},
-            "ratio": 0.5,
-            "tiny": 1e-05,
-            "big": 1e16,
-            "neg": -3,
-            "f": 123.0
-        })),
-        &weight_map(&[("a", "b")]),
-    );
-    let expected = "{\n  \"metadata\": {\n    \"big\": 1e+16,\n    \"f\": 123.0,\n    \"neg\": -3,\n    \"quant\": {\n      \"bits\": 4,\n      \"empty\": {},\n      \"groups\": [\n        1,\n        2\n      ],\n      \"list\": [],\n      \"none\": null,\n      \"on\": true\n    },\n    \"ratio\": 0.5,\n    \"tiny\": 1e-05,\n    \"total_size\": 1\n  },\n  \"weight_map\": {\n    \"a\": \"b\"\n  }\n}\n";
-    assert_eq!(got, expected);
-}
-
-#[test]
-fn render_index_is_valid_json_that_round_trips() {
-    let wm = weight_map(&[
-        ("\u{e9}\u{1F600}\"\\", "f.safetensors"),
-        ("a", "g.safetensors"),
-    ]);
-    let got = render_index(&metadata(json!({"total_size": 5})), &wm);
-    let v: Value = serde_json::from_str(&got).unwrap();
-    assert_eq!(v["metadata"]["total_size"], 5);
-    let back: BTreeMap<String, String> = serde_json::from_value(v["weight_map"].clone()).unwrap();
-    assert_eq!(back, wm);
-    assert!(got.is_ascii());
-}
-
-/// Python's `ensure_ascii` escapes every character outside U+0020..U+007E, so DEL (U+007F)
-/// becomes `\u007f`; `push_ascii_str` in index.rs only escapes above 0x7f and emits DEL raw.
-#[test]
-fn render_index_escapes_del_like_python() {
-    // Python: json.dumps({'metadata': {'total_size': 0}, 'weight_map': {'a\x7f': 'x'}}, indent=2, sort_keys=True)
-    let got = render_index(
-        &metadata(json!({"total_size": 0})),
-        &weight_map(&[("a\u{7f}", "x")]),
-    );
-    let expected = "{\n  \"metadata\": {\n    \"total_size\": 0\n  },\n  \"weight_map\": {\n    \"a\\u007f\": \"x\"\n  }\n}\n";
-    assert_eq!(got, expected);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -603,17 +419,5 @@ proptest! {
         prop_assert_eq!(parse_size(&format!("{n}gb")).unwrap(), n * 1_000_000_000);
         prop_assert_eq!(parse_size(&format!("{n} MiB")).unwrap(), n << 20);
         prop_assert_eq!(parse_size(&format!("{n}GiB")).unwrap(), n << 30);
-    }
-
-    #[test]
-    fn prop_shard_names_are_numbered_and_sorted(count in 2usize..300) {
-        let names = shard_file_names("model.safetensors", None, count);
-        prop_assert_eq!(names.len(), count);
-        for (i, n) in names.iter().enumerate() {
-            prop_assert_eq!(n, &format!("model-{:05}-of-{:05}.safetensors", i + 1, count));
-        }
-        let mut sorted = names.clone();
-        sorted.sort();
-        prop_assert_eq!(sorted, names);
     }
 }

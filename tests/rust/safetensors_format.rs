@@ -8,9 +8,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
+use quantsave::safetensors::bench_strategies::{
+    write_shards_hashed_with, write_shards_with, StrategyOptions, WriteStrategy,
+};
 use quantsave::safetensors::{
     map_file, parse_header, read_header, write_bytes_atomic, write_shards, Header, ShardSpec,
-    StreamWriter, TensorInfo, TensorSpec, TensorView, WriteOptions, WriteStrategy, MAX_HEADER_SIZE,
+    StreamWriter, TensorInfo, TensorSpec, TensorView, WriteOptions, MAX_HEADER_SIZE,
 };
 use quantsave::{Dtype, Error};
 use tempfile::TempDir;
@@ -47,8 +50,8 @@ fn shard<'a>(
     }
 }
 
-fn opts(strategy: WriteStrategy, fsync: bool, chunk_size: usize) -> WriteOptions {
-    WriteOptions {
+fn opts(strategy: WriteStrategy, fsync: bool, chunk_size: usize) -> StrategyOptions {
+    StrategyOptions {
         fsync,
         strategy,
         chunk_size,
@@ -56,7 +59,7 @@ fn opts(strategy: WriteStrategy, fsync: bool, chunk_size: usize) -> WriteOptions
 }
 
 /// Every combination of strategy, fsync and chunk size worth distinguishing.
-fn all_options() -> Vec<WriteOptions> {
+fn all_options() -> Vec<StrategyOptions> {
     let mut out = Vec::new();
     for strategy in [
         WriteStrategy::Write,
@@ -108,10 +111,10 @@ fn write_one(
     name: &str,
     tensors: Vec<TensorView<'_>>,
     metadata: Option<BTreeMap<String, String>>,
-    o: &WriteOptions,
+    o: &StrategyOptions,
 ) -> Vec<u8> {
     let path = dir.join(name);
-    let sizes = write_shards(&[shard(path.clone(), tensors, metadata)], o).unwrap();
+    let sizes = write_shards_with(&[shard(path.clone(), tensors, metadata)], o).unwrap();
     let bytes = fs::read(&path).unwrap();
     assert_eq!(sizes, vec![bytes.len() as u64]);
     assert_no_temporaries(dir);
@@ -283,7 +286,7 @@ fn golden_every_dtype_in_format_order() {
         "all.safetensors",
         tensors,
         None,
-        &WriteOptions::default(),
+        &StrategyOptions::default(),
     );
     assert_eq!(got, file_bytes(json, &[0u8; 58]));
     assert_eq!(json.len() % 8, 0);
@@ -309,7 +312,7 @@ fn golden_f4_sits_between_u8_and_bool() {
         "f4.safetensors",
         tensors,
         None,
-        &WriteOptions::default(),
+        &StrategyOptions::default(),
     );
     assert_eq!(got, file_bytes(json, &[0u8; 5]));
 }
@@ -347,7 +350,7 @@ fn golden_names_sorted_bytewise_within_a_dtype() {
         "m.safetensors",
         tensors,
         None,
-        &WriteOptions::default(),
+        &StrategyOptions::default(),
     );
     assert_eq!(got, file_bytes(json, &data));
 }
@@ -371,7 +374,7 @@ fn golden_escaped_strings_and_empty_tensor() {
         "e.safetensors",
         tensors,
         Some(meta(&[("k", "say \"hi\" \\ é")])),
-        &WriteOptions::default(),
+        &StrategyOptions::default(),
     );
     assert_eq!(got, file_bytes(json, &[7]));
     assert_eq!(json.len(), 152);
@@ -384,7 +387,7 @@ fn golden_escaped_strings_and_empty_tensor() {
         "n.safetensors",
         vec![tv("caf\u{e9} \"q\"", Dtype::U8, &[1], &one)],
         None,
-        &WriteOptions::default(),
+        &StrategyOptions::default(),
     );
     assert_eq!(got, file_bytes(json, &[1]));
     assert_eq!(json.len(), 64);
@@ -452,7 +455,7 @@ fn every_strategy_writes_identical_multi_shard_output() {
     let mut reference: Option<Vec<Vec<u8>>> = None;
     for o in all_options() {
         let dir = TempDir::new().unwrap();
-        let sizes = write_shards(&make(dir.path()), &o).unwrap();
+        let sizes = write_shards_with(&make(dir.path()), &o).unwrap();
         assert_eq!(entries(dir.path()), names.to_vec(), "options {o:?}");
         let files: Vec<Vec<u8>> = names
             .iter()
@@ -512,7 +515,7 @@ fn many_shards_many_tensors_round_trip_with_tiny_chunks() {
                 shard(dir.path().join(format!("s{s}.safetensors")), tensors, None)
             })
             .collect();
-        write_shards(&shards, &opts(strategy, false, 4096)).unwrap();
+        write_shards_with(&shards, &opts(strategy, false, 4096)).unwrap();
         assert_no_temporaries(dir.path());
         for (s, spec) in shards.iter().enumerate() {
             let m = map_file(&spec.path).unwrap();
@@ -541,7 +544,7 @@ fn write_replaces_an_existing_file_atomically() {
     )
     .unwrap();
     for o in all_options() {
-        write_shards(&[shard(path.clone(), golden_tensors(), None)], &o).unwrap();
+        write_shards_with(&[shard(path.clone(), golden_tensors(), None)], &o).unwrap();
         assert_eq!(fs::read(&path).unwrap(), golden_file(false));
         assert_eq!(entries(dir.path()), vec!["model.safetensors".to_string()]);
     }
@@ -579,7 +582,8 @@ fn write_shards_with_no_shards_does_nothing() {
 
 #[test]
 fn write_options_default() {
-    let o = WriteOptions::default();
+    assert!(!WriteOptions::default().fsync);
+    let o = StrategyOptions::default();
     assert!(!o.fsync);
     assert_eq!(o.strategy, WriteStrategy::Write);
     assert!(o.chunk_size >= 4096);
@@ -632,7 +636,7 @@ fn write_bytes_atomic_onto_a_directory_fails_and_cleans_up() {
 
 fn assert_invalid_and_clean(dir: &Path, shards: &[ShardSpec<'_>]) -> Error {
     for o in all_options() {
-        let err = write_shards(shards, &o).unwrap_err();
+        let err = write_shards_with(shards, &o).unwrap_err();
         assert!(
             matches!(err, Error::InvalidInput(_)),
             "{o:?}: expected InvalidInput, got {err:?}"
@@ -760,7 +764,7 @@ fn missing_target_folder_is_an_io_error() {
                 None,
             ),
         ];
-        let err = write_shards(&shards, &o).unwrap_err();
+        let err = write_shards_with(&shards, &o).unwrap_err();
         assert_eq!(err.io_kind(), Some(std::io::ErrorKind::NotFound), "{err:?}");
         assert!(err.to_string().contains("missing"), "{err}");
         assert!(
@@ -1262,7 +1266,7 @@ fn sample_file() -> Vec<u8> {
         "s.safetensors",
         tensors,
         Some(meta(&[("format", "pt")])),
-        &WriteOptions::default(),
+        &StrategyOptions::default(),
     )
 }
 
@@ -1356,7 +1360,7 @@ proptest! {
         let dir = TempDir::new().unwrap();
         let path = dir.path().join("p.safetensors");
         let strategy = if mmap { WriteStrategy::Mmap } else { WriteStrategy::Pwrite };
-        let sizes = write_shards(&[shard(path.clone(), tensors, md.clone())], &opts(strategy, false, chunk)).unwrap();
+        let sizes = write_shards_with(&[shard(path.clone(), tensors, md.clone())], &opts(strategy, false, chunk)).unwrap();
         let m = map_file(&path).unwrap();
         prop_assert_eq!(&read_header(&path).unwrap(), &m.header);
         prop_assert_eq!(sizes, vec![m.header.file_size]);
@@ -1423,7 +1427,7 @@ fn stream_writer_gives_the_bytes_of_write_shards_in_any_order() {
         "ref.safetensors",
         tensors.clone(),
         Some(md.clone()),
-        &WriteOptions::default(),
+        &StrategyOptions::default(),
     );
     let path = dir.path().join("stream.safetensors");
     let specs: Vec<TensorSpec> = tensors.iter().map(spec).collect();
@@ -1544,7 +1548,7 @@ fn hashed_writes_report_each_files_sha256() {
                 None,
             ),
         ];
-        let out = quantsave::safetensors::write_shards_hashed(&shards, &o).unwrap();
+        let out = write_shards_hashed_with(&shards, &o).unwrap();
         for ((size, hash), s) in out.iter().zip(&shards) {
             let bytes = fs::read(&s.path).unwrap();
             assert_eq!(*size, bytes.len() as u64);
