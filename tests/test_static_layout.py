@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -14,7 +15,10 @@ import torch
 
 from quantsave import _core
 from quantsave.backends.bitsandbytes.config import BitsAndBytesConfig
+from quantsave.cli import main
 from quantsave.convert.static_layout import _static_targets, _Unsure, transformers_bnb_targets
+from quantsave.convert.static_layout import keys as static_keys
+from quantsave.convert.static_layout.interpret import Interpreter
 from quantsave.load import build_skeleton
 from quantsave.quantize import bnb_targets
 
@@ -242,3 +246,53 @@ def test_reading_does_not_import_transformers(llama_dir: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [True, []]
+
+
+def test_an_internal_error_is_not_taken_for_unsure(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in the reading propagates instead of silently sending the caller down the slow path."""
+    config, tensors = _llama(llama_dir)
+
+    def broken(self: Interpreter, ref: Any) -> Any:
+        raise TypeError("a bug in the reading")
+
+    monkeypatch.setattr(Interpreter, "layout", broken)
+    with pytest.raises(TypeError, match="a bug in the reading"):
+        transformers_bnb_targets(config, tensors, None)
+
+
+@pytest.mark.parametrize("why", ["unexplained-key", "unreadable-source"])
+def test_unsure_logs_its_reason(
+    llama_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, why: str
+) -> None:
+    config, tensors = _llama(llama_dir)
+    if why == "unexplained-key":
+        tensors["model.layers.0.self_attn.extra_proj.weight"] = ("F32", [64, 64])
+        expect = "no module of 'model.layers.0.self_attn' holds"
+    else:
+
+        def missing(path: Path) -> str:
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+
+        monkeypatch.setattr(static_keys, "read_text", missing)
+        expect = "FileNotFoundError: [Errno 2] No such file or directory"
+    with caplog.at_level(logging.DEBUG, logger="quantsave.convert"):
+        assert transformers_bnb_targets(config, tensors, None) is None
+    [record] = [r for r in caplog.records if r.name == "quantsave.convert"]
+    assert record.levelno == logging.DEBUG
+    assert record.getMessage().startswith("static layout of LlamaForCausalLM: unsure, ")
+    assert expect in record.getMessage()
+
+
+def test_cli_debug_shows_why_the_reading_was_unsure(
+    llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def unsure(self: Interpreter, ref: Any) -> Any:
+        raise _Unsure("a reason for the test")
+
+    monkeypatch.setattr(Interpreter, "layout", unsure)
+    line = "quantsave: debug: quantsave.convert: static layout of LlamaForCausalLM: unsure, a reason for the test"
+    assert main(["convert", str(llama_dir), str(tmp_path / "plain"), "--quant", "nf4", "-q"]) == 0
+    assert line not in capsys.readouterr().err
+    assert main(["convert", str(llama_dir), str(tmp_path / "debug"), "--quant", "nf4", "-q", "--debug"]) == 0
+    assert line in capsys.readouterr().err.splitlines()
+    assert not logging.getLogger("quantsave").handlers  # only while the command runs
