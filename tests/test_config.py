@@ -117,6 +117,34 @@ def test_resolve_config_gguf_forms() -> None:
         assert isinstance(cfg, qs.GGUFQuantizationConfig) and cfg.method == "gguf"
 
 
+@pytest.mark.parametrize("dtype", ["float17", "nn", "int8", 3, torch.int8])
+def test_gguf_bad_compute_dtype_is_value_error(dtype) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="compute_dtype"):
+        qs.GGUFQuantizationConfig(compute_dtype=dtype)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        resolve_config({"quant_method": "gguf", "compute_dtype": dtype})
+
+
+def test_gguf_config_keeps_modules_to_not_convert() -> None:
+    """``to_dict`` has the keys of diffusers' (its ``__dict__``), ``modules_to_not_convert`` kept."""
+    ref = plain(diffusers.GGUFQuantizationConfig(compute_dtype=torch.bfloat16).to_dict())
+    ours = qs.GGUFQuantizationConfig(compute_dtype="bfloat16").to_dict()
+    assert ours == {**ref, "compute_dtype": "bfloat16"}
+    cfg = resolve_config({**ours, "modules_to_not_convert": ["proj_out"]})
+    assert isinstance(cfg, qs.GGUFQuantizationConfig) and cfg.modules_to_not_convert == ["proj_out"]
+    assert cfg.to_dict()["modules_to_not_convert"] == ["proj_out"]
+    assert resolve_config(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="modules_to_not_convert"):
+        qs.GGUFQuantizationConfig(modules_to_not_convert="proj_out")  # type: ignore[arg-type]
+
+
+def test_quanto_from_qmap_is_a_declared_field() -> None:
+    cfg = qs.QuantoConfig("int4", from_qmap=True)
+    assert cfg.from_qmap and not qs.QuantoConfig("int4").from_qmap
+    assert "from_qmap" not in cfg.to_dict() and cfg == qs.QuantoConfig("int4")
+    assert not qs.QuantoConfig.from_dict(cfg.to_dict()).from_qmap
+
+
 def test_resolve_config_rejects_non_configs() -> None:
     for bad in (42, "bitsandbytes", ["quant_method"], object()):
         with pytest.raises(ValueError, match="quantization config"):

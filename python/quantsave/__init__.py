@@ -12,10 +12,10 @@ from quantsave.backends import (
     TorchAoConfig,
 )
 from quantsave.backends.gguf.file import load_gguf, save_gguf
+from quantsave.checkpoint.writer import SaveResult
 from quantsave.convert.run import convert
 from quantsave.errors import CheckpointError, NotSerializableError
 from quantsave.quantize import quantize
-from quantsave.save import SaveResult
 
 __all__ = [
     "BitsAndBytesConfig",

@@ -2,15 +2,18 @@
 
 Exit codes: 0 success, 1 ``verify`` found problems (or the demo's check failed), 2 bad usage or
 input (a missing folder, not a checkpoint, a file ``inspect`` cannot read). Errors are one line
-on stderr; ``--debug`` shows the traceback instead.
+on stderr; ``--debug`` shows the traceback instead, and the ``quantsave`` loggers' DEBUG records
+(such as why ``convert`` could not read the layout from transformers' source).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -206,9 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Save quantized PyTorch models as Hugging Face compatible checkpoints.",
         epilog="run 'quantsave COMMAND --help' for a command's options and examples",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks, debug logs")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks, debug logs")
     common.add_argument("--quiet", "-q", action="store_true", help="no progress bars or 'ok' line")
     fmt = argparse.RawDescriptionHelpFormatter
     sub = parser.add_subparsers(dest="command", required=True)
@@ -272,22 +275,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _debug_logs(on: bool) -> Iterator[None]:
+    """While the command runs, ``--debug`` sends the ``quantsave`` loggers' DEBUG records to stderr."""
+    log, handler = logging.getLogger("quantsave"), logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("quantsave: debug: %(name)s: %(message)s"))
+    level = log.level
+    if on:
+        log.addHandler(handler)
+        log.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        if on:
+            log.removeHandler(handler)
+            log.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except (ValueError, OSError, ImportError) as e:
-        if args.debug:
-            raise
-        print(f"quantsave: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        print("quantsave: interrupted", file=sys.stderr)
-        return 130
+    with _debug_logs(args.debug):
+        try:
+            return int(args.func(args))
+        except (ValueError, OSError, ImportError) as e:
+            if args.debug:
+                raise
+            print(f"quantsave: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            if args.debug:
+                raise
+            print("quantsave: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

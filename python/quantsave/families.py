@@ -11,6 +11,8 @@ from typing import Any
 
 from torch import nn
 
+from quantsave.backends.bitsandbytes import layout as bnb_layout
+
 __all__ = ["FAMILIES", "Family", "dump_json", "family_of", "is_pipeline", "model_config_files", "total_parameters"]
 
 
@@ -84,14 +86,9 @@ def model_config_files(
 
 def total_parameters(model: nn.Module) -> int:
     """The parameter count transformers records in its index: a packed 4-bit weight counts two
-    values per stored byte, whether or not the model came from ``from_pretrained``."""
-    total = 0
-    for p in model.parameters():
-        if type(p).__name__ == "Params4bit":
-            total += p.numel() * 2 * p.element_size()
-        else:
-            total += p.numel()
-    return total
+    values per stored byte (``bitsandbytes.layout.parameter_count``), whether or not the model
+    came from ``from_pretrained``."""
+    return sum(bnb_layout.parameter_count(p) for p in model.parameters())
 
 
 def _with_quant(cfg: dict[str, Any], quant_dict: dict[str, Any] | None) -> dict[str, Any]:

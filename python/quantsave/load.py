@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from quantsave.backends.config import QuantizationConfig, resolve_config
-from quantsave.backends.registry import get_quantizer
+from quantsave.backends.registry import get_quantizer, record_config
 from quantsave.checkpoint.reader import Checkpoint, open_checkpoint
 from quantsave.errors import CheckpointError
 from quantsave.families import TRANSFORMERS, family_of
@@ -172,7 +172,7 @@ def load_model(
             f"checkpoint in {path} lacks {len(missing)} weight(s) the model needs, e.g. {missing[:3]}"
         )
     if qconfig is not None:
-        model._quantsave_config = qconfig  # type: ignore[assignment]
+        record_config(model, qconfig)
     if family_of(model) is TRANSFORMERS and getattr(model, "_weight_conversions", None) is None:
         # As from_pretrained records: the checkpoint's names were used as they are (no renaming or
         # fusing), so a later save orders the tensors as transformers does after from_pretrained.

@@ -16,8 +16,10 @@ from torch import nn
 
 from quantsave import _core
 from quantsave.backends.config import resolve_config
-from quantsave.backends.registry import detect_quantizer
-from quantsave.save import SaveResult, check_file_name, fsync_enabled, save_model
+from quantsave.backends.registry import detect_quantizer, recorded_config
+from quantsave.checkpoint.commit import fsync_enabled
+from quantsave.checkpoint.names import check_file_name
+from quantsave.save import SaveResult, save_model
 
 __all__ = ["save_pipeline", "component_configs"]
 
@@ -50,7 +52,7 @@ def component_configs(quantization_config: Any) -> dict[str, Any]:
 
 def _is_quantized(model: nn.Module) -> bool:
     return (
-        getattr(model, "_quantsave_config", None) is not None
+        recorded_config(model) is not None
         or getattr(model, "hf_quantizer", None) is not None
         or detect_quantizer(model) is not None
     )
@@ -131,7 +133,7 @@ def save_pipeline(
                 f"component {name!r} is a {type(components[name]).__name__}, not a model; it cannot be quantized"
             )
     # Check every quantized component can be saved before writing anything.
-    from quantsave.save import _check_serializable, resolve_quantizer
+    from quantsave.save import check_serializable, resolve_quantizer
 
     quantized = {
         name: c for name, c in components.items() if isinstance(c, nn.Module) and (name in configs or _is_quantized(c))
@@ -141,7 +143,7 @@ def save_pipeline(
             continue
         q = resolve_quantizer(model, configs.get(name))
         if q is not None:
-            _check_serializable(q, safe_serialization)
+            check_serializable(q, safe_serialization)
 
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():

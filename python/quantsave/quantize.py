@@ -1,7 +1,8 @@
 """``quantize``: quantize a model's ``nn.Linear`` layers in place and record the config so
-``save_quantized`` needs no arguments. bitsandbytes: the layers become bitsandbytes layers; CPU
-weights are quantized by the Rust codec (``quantsave.codec``, bit-compatible with bitsandbytes),
-weights on an accelerator by bitsandbytes. torchao: torchao's ``quantize_`` on the same layers."""
+``save_quantized`` needs no arguments. bitsandbytes: the layers become bitsandbytes layers (built
+by ``quantsave.backends.bitsandbytes.modules``: CPU weights quantized by the Rust codec,
+bit-compatible with bitsandbytes, weights on an accelerator by bitsandbytes). torchao: torchao's
+``quantize_`` on the same layers; optimum-quanto: its ``quantize`` and ``freeze``."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from typing import Any, cast
 
 from torch import nn
 
-from quantsave import codec
 from quantsave.backends.bitsandbytes.config import BitsAndBytesConfig
-from quantsave.backends.bitsandbytes.quantizer import import_bnb
+from quantsave.backends.bitsandbytes.modules import import_bnb, linear_4bit, linear_8bit
 from quantsave.backends.config import resolve_config
 from quantsave.backends.modules import replace_module
 from quantsave.backends.quanto.config import QuantoConfig
+from quantsave.backends.registry import record_config
 from quantsave.backends.torchao.config import TorchAoConfig
 from quantsave.families import DIFFUSERS, TRANSFORMERS, family_of
 
@@ -131,76 +132,14 @@ def quantize(
         raise ValueError(
             f"quantize supports bitsandbytes 4-bit and 8-bit, torchao and optimum-quanto configs, got {method!r}"
         )
-    bnb = import_bnb()
+    import_bnb()
     names = bnb_targets(model, config, modules_to_not_convert)
     # bnb_targets lists nn.Linear layers only.
     targets = [(name, cast(nn.Linear, model.get_submodule(name))) for name in names]
     for name, lin in targets:
-        device = lin.weight.device
-        weight = lin.weight.detach()
-        bias = lin.bias
-        new: nn.Module
-        if config.bits == 4:
-            new = bnb.nn.Linear4bit(
-                lin.in_features,
-                lin.out_features,
-                bias=bias is not None,
-                compute_dtype=config.bnb_4bit_compute_dtype,
-                compress_statistics=config.bnb_4bit_use_double_quant,
-                quant_type=config.bnb_4bit_quant_type,
-                quant_storage=config.bnb_4bit_quant_storage,
-                device="meta",
-            )
-            if device.type == "cpu":
-                # The Rust codec: bitsandbytes' CPU result, bit for bit, at a fraction of the time.
-                packed, state = codec.quantize_4bit(
-                    weight,
-                    blocksize=64,
-                    compress_statistics=config.bnb_4bit_use_double_quant,
-                    quant_type=config.bnb_4bit_quant_type,
-                    quant_storage=config.bnb_4bit_quant_storage,
-                )
-                new.weight = bnb.nn.Params4bit(
-                    packed,
-                    requires_grad=False,
-                    quant_state=state,
-                    blocksize=64,
-                    compress_statistics=config.bnb_4bit_use_double_quant,
-                    quant_type=config.bnb_4bit_quant_type,
-                    quant_storage=config.bnb_4bit_quant_storage,
-                    module=new,
-                    bnb_quantized=True,
-                )
-                new.quant_state = state
-            else:
-                new.weight = bnb.nn.Params4bit(
-                    weight,
-                    requires_grad=False,
-                    compress_statistics=config.bnb_4bit_use_double_quant,
-                    quant_type=config.bnb_4bit_quant_type,
-                    quant_storage=config.bnb_4bit_quant_storage,
-                    module=new,
-                )
-        else:
-            new = bnb.nn.Linear8bitLt(
-                lin.in_features,
-                lin.out_features,
-                bias=bias is not None,
-                has_fp16_weights=config.llm_int8_has_fp16_weight,
-                threshold=config.llm_int8_threshold,
-                device="meta",
-            )
-            if device.type == "cpu" and not config.llm_int8_has_fp16_weight:
-                q, scb = codec.quantize_8bit(weight)
-                new.weight = bnb.nn.Int8Params(q, requires_grad=False, has_fp16_weights=False, CB=q, SCB=scb)
-            else:
-                new.weight = bnb.nn.Int8Params(
-                    weight, requires_grad=False, has_fp16_weights=config.llm_int8_has_fp16_weight
-                )
-        if bias is not None:
-            new.bias = nn.Parameter(bias.detach(), requires_grad=False)
-        replace_module(model, name, new.to(device))
-    model._quantsave_config = config  # type: ignore[assignment]
+        new = linear_4bit(lin, config) if config.bits == 4 else linear_8bit(lin, config)
+        replace_module(model, name, new)
+    record_config(model, config)
     return model
 
 
@@ -220,7 +159,7 @@ def _quantize_torchao(model: nn.Module, config: TorchAoConfig, skip: list[str]) 
         config.quant_type,
         filter_fn=lambda m, fqn: type(m) is nn.Linear and bool(fqn) and not _skipped(fqn, skip),
     )
-    model._quantsave_config = config  # type: ignore[assignment]
+    record_config(model, config)
     return model
 
 
@@ -246,5 +185,5 @@ def _quantize_quanto(model: nn.Module, config: QuantoConfig, skip: list[str]) ->
     if names:
         quanto.quantize(model, weights=quanto.qtypes[qtype_name(config.weights_dtype)], include=names)
         quanto.freeze(model)
-    model._quantsave_config = QuantoQuantizer.config_from_model(model)  # type: ignore[assignment]
+    record_config(model, QuantoQuantizer.config_from_model(model))
     return model

@@ -1,13 +1,15 @@
 """The config base class, the registry of config classes by ``quant_method``, and
 ``resolve_config``, which accepts a quantsave config, a diffusers/transformers config object or
-a plain dict wherever a config is taken."""
+a plain dict wherever a config is taken, and ``parse_dtype`` for the configs' dtype fields."""
 
 from __future__ import annotations
 
 import json
 from typing import Any, ClassVar
 
-__all__ = ["QuantizationConfig", "config_class", "resolve_config"]
+import torch
+
+__all__ = ["QuantizationConfig", "config_class", "parse_dtype", "resolve_config"]
 
 _CONFIGS: dict[str, type[QuantizationConfig]] = {}
 
@@ -51,6 +53,21 @@ class QuantizationConfig:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__} {self.to_json_string()}"
+
+
+def parse_dtype(value: Any, field: str, *, floating: bool = False) -> torch.dtype:
+    """``value`` as a torch dtype: a ``torch.dtype`` or its name (``"bfloat16"``, ``"torch.bfloat16"``).
+
+    Raises:
+        ValueError: anything else, or (``floating``) a dtype that is not floating point.
+    """
+    dtype = value
+    if isinstance(value, str):
+        dtype = getattr(torch, value.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or (floating and not dtype.is_floating_point):
+        kind = "a floating torch.dtype" if floating else "a torch.dtype"
+        raise ValueError(f"{field} must be {kind} or its name, got {value!r}")
+    return dtype
 
 
 def config_class(quant_method: str) -> type[QuantizationConfig] | None:

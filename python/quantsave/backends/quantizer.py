@@ -1,6 +1,8 @@
 """The quantizer interface: what a backend must say about itself (``is_serializable``,
-``supports_safetensors``), which tensors form one weight, the config of a model, and how to
-rebuild its quantized modules on load."""
+``supports_safetensors``), which tensors form one weight, the config of a model, how to
+rebuild its quantized modules on load, and what ``verify`` and ``inspect`` ask of its on-disk
+layout (``check_checkpoint``, ``count_parameters``, ``needs_config``; each backend answers from
+its ``layout.py``)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ import torch
 from torch import nn
 
 from quantsave.backends.config import QuantizationConfig
+from quantsave.backends.layout import ParameterCount
 
 if TYPE_CHECKING:
+    from quantsave.checkpoint.reader import Checkpoint
     from quantsave.families import Family
 
 __all__ = ["Quantizer"]
@@ -87,6 +91,23 @@ class Quantizer:
     def weight_groups(self, keys: list[str]) -> dict[str, str]:
         """Maps each key that belongs to a multi-tensor quantized weight to its group name."""
         return {}
+
+    @classmethod
+    def count_parameters(cls, ckpt: Checkpoint, qconfig: dict[str, Any] | None) -> ParameterCount:
+        """The logical parameters of the weights in ``ckpt`` stored in this backend's layout
+        (``qconfig``: the checkpoint's raw ``quantization_config``, maybe another method's or none).
+        ``inspect`` adds up every backend's answer."""
+        return ParameterCount()
+
+    @classmethod
+    def needs_config(cls, ckpt: Checkpoint) -> bool:
+        """True when ``ckpt`` holds tensors in this backend's layout that no loader reads without a
+        ``quantization_config`` (``verify`` reports such a checkpoint that has none)."""
+        return False
+
+    def check_checkpoint(self, ckpt: Checkpoint) -> list[str]:
+        """Problems with ``ckpt``'s tensors for this quantizer's config, one line each (``verify``)."""
+        return []
 
     def load_into(
         self, model: nn.Module, state_dict: dict[str, torch.Tensor], metadata: dict[str, str], directory: Path

@@ -34,13 +34,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from quantsave import _core
+from quantsave.checkpoint.names import is_temp_name
 
 try:
     import fcntl
 except ImportError:  # not POSIX
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["fsync_dir", "staged_directory", "stale_stages"]
+__all__ = ["fsync_enabled", "staged_directory", "stale_stages"]
+
+
+def fsync_enabled() -> bool:
+    """Whether saves fsync files and folders (``QUANTSAVE_FSYNC=1``); off by default, as in the references."""
+    return os.environ.get("QUANTSAVE_FSYNC", "0").strip().lower() not in ("", "0", "false", "no")
 
 
 def _stage_name(target: Path, kind: str = "") -> str:
@@ -94,8 +100,6 @@ def stale_stages(target: Path) -> list[Path]:
     return [e for e in entries if pattern.match(e.name) and e.is_dir() and not e.is_symlink() and _abandoned(e)]
 
 
-#: Per-file temporaries of quantsave's writers (``.<name>.<pid>-<n>.quantsave.tmp``).
-_FILE_TEMP = re.compile(r"^\..+\.\d+-\d+\.quantsave\.tmp$")
 
 
 def _link_tree(src: Path, dst: Path, seen: set[str], prefix: str = "") -> None:
@@ -103,7 +107,7 @@ def _link_tree(src: Path, dst: Path, seen: set[str], prefix: str = "") -> None:
     out temporaries of interrupted writes, and records every entry's relative path in ``seen``;
     folder attributes are copied last, so a read-only folder is still filled."""
     for entry in src.iterdir():
-        if _FILE_TEMP.match(entry.name):
+        if is_temp_name(entry.name):
             continue
         rel = prefix + entry.name
         seen.add(rel)
@@ -246,18 +250,6 @@ def _renamed(e: OSError, stage: Path, target: Path) -> OSError:
         return e
 
 
-def fsync_dir(path: Path) -> None:
-    """Makes the renames inside ``path`` durable. Windows cannot open or fsync a folder (NTFS
-    journals renames itself), so there it does nothing."""
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _carry_late(old: Path, new: Path, seen: set[str], prefix: str = "") -> None:
     """Moves entries other programs created in the old folder during the save (not in
     ``seen``, the entries it had when the stage was filled) into the new one; what both have,
@@ -265,7 +257,7 @@ def _carry_late(old: Path, new: Path, seen: set[str], prefix: str = "") -> None:
     for entry in old.iterdir():
         rel = prefix + entry.name
         dest = new / entry.name
-        if _FILE_TEMP.match(entry.name):
+        if is_temp_name(entry.name):
             continue
         if rel not in seen:
             if not os.path.lexists(dest):
@@ -281,7 +273,7 @@ def _commit(stage: Path, target: Path, fsync: bool, seen: set[str]) -> None:
     if fsync:
         # The files were fsynced as they were written; make the folder entries durable too.
         for folder, _dirs, _files in os.walk(stage):
-            fsync_dir(Path(folder))
+            _core.fsync_dir(Path(folder))
     while True:
         if not target.exists():
             try:
@@ -310,6 +302,6 @@ def _commit(stage: Path, target: Path, fsync: bool, seen: set[str]) -> None:
         break
     if fsync:
         try:
-            fsync_dir(target.parent)
+            _core.fsync_dir(target.parent)
         except OSError:
             pass  # committed already; durability of the rename is best effort here

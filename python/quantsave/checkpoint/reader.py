@@ -12,6 +12,7 @@ A folder without weights is a ``FileNotFoundError`` in both modes.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,7 +240,7 @@ def _read_shards(ckpt: Checkpoint, problems: _Problems, mapped: bool, progress: 
 
 
 def open_checkpoint(
-    path: str | Path,
+    path: str | os.PathLike[str],
     *,
     variant: str | None = None,
     strict: bool = True,

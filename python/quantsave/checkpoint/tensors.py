@@ -3,6 +3,7 @@ writing (no copies for contiguous CPU tensors), and tensors viewing mapped files
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ __all__ = [
     "DTYPE_TO_NAME",
     "NAME_TO_DTYPE",
     "byte_view",
+    "check_tensors",
     "dtype_name",
     "is_wrapper_subclass",
     "subclass_nbytes",
@@ -99,3 +101,49 @@ def tensor_from_map(base: torch.Tensor, dtype: str, shape: list[int], start: int
     if dt.itemsize > 1 and start % dt.itemsize:
         raw = raw.clone()
     return raw.view(dt).reshape(shape)
+
+
+def check_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Validates every tensor before anything is written; returns their safetensors dtype names
+    (empty for a tensor subclass, which only the pickle form stores).
+
+    Raises:
+        ValueError: a non-tensor, a meta or sparse tensor, an unsupported dtype, or tensors sharing memory.
+    """
+    names: dict[str, str] = {}
+    spans: dict[Any, list[tuple[int, int, str]]] = {}
+    for key, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{key!r} is a {type(t).__name__}, not a tensor")
+        if t.is_meta or t.device.type == "meta":
+            raise ValueError(f"tensor {key!r} is on the meta device and has no data to save; load its weights first")
+        if t.layout != torch.strided:
+            raise ValueError(
+                f"tensor {key!r} has layout {t.layout}; convert sparse tensors with .to_dense() before saving"
+            )
+        if is_wrapper_subclass(t):
+            # A tensor subclass (torchao) in the pickle form: torch.save stores its parts.
+            names[key] = ""
+            continue
+        names[key] = dtype_name(t.dtype, f"tensor {key!r}")
+        if t.numel():
+            storage = t.untyped_storage()
+            start = int(t.storage_offset()) * t.element_size()
+            end = start + _span_bytes(t)
+            spans.setdefault((t.device, storage.data_ptr()), []).append((start, end, key))
+    for group in spans.values():
+        group.sort()
+        for (_s0, e0, k0), (s1, _e1, k1) in itertools.pairwise(group):
+            if s1 < e0:
+                raise ValueError(
+                    f"tensors {k0!r} and {k1!r} share memory; safetensors stores each tensor once. "
+                    "Untie them (e.g. clone one) or drop one before saving"
+                )
+    return names
+
+
+def _span_bytes(t: torch.Tensor) -> int:
+    if t.numel() == 0:
+        return 0
+    last = sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True))
+    return (last + 1) * t.element_size()

@@ -33,22 +33,28 @@ import torch
 from torch import nn
 
 from quantsave import _core
+from quantsave.backends.bitsandbytes import layout as bnb_layout
 from quantsave.backends.bitsandbytes.config import BitsAndBytesConfig
 from quantsave.backends.bitsandbytes.quantizer import BitsAndBytesQuantizer
 from quantsave.backends.config import resolve_config
-from quantsave.checkpoint.commit import staged_directory
+from quantsave.checkpoint.commit import fsync_enabled, staged_directory
+from quantsave.checkpoint.plan import parse_shard_size, plan_checkpoint
 from quantsave.checkpoint.reader import open_checkpoint, read_config
+from quantsave.checkpoint.writer import (
+    CheckpointFiles,
+    SaveResult,
+    finish_checkpoint,
+    progress_bar,
+    write_checksums,
+)
 from quantsave.errors import CheckpointError
 from quantsave.families import DIFFUSERS, TRANSFORMERS, Family, dump_json, family_of, model_config_files
 from quantsave.load import build_skeleton
 from quantsave.quantize import bnb_targets
-from quantsave.save import SaveResult, _parse_shard_size, finish_checkpoint, fsync_enabled, write_checksums
 
 __all__ = ["convert"]
 
 _FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-_BLOCKSIZE = 64
-_NESTED_BLOCKSIZE = 256
 #: Elements per chunk of work: a few MB per thread in flight.
 _CHUNK_ELEMS = 1 << 22
 
@@ -222,15 +228,14 @@ def _static_layout(source: _Source, config: BitsAndBytesConfig, max_shard_size: 
     targets = transformers_bnb_targets(cfg, shapes, config.llm_int8_skip_modules)
     if targets is None:
         return None
-    # One file, with room to spare for the quantization state of each weight.
+    # One file (the bytes of each quantized weight with its state, from its layout).
     total = 0
     for key, (_, dtype, shape) in source.tensors.items():
         if key.removesuffix(".weight") in targets and len(shape) == 2:
-            n = shape[0] * shape[1]
-            total += n + shape[0] * 4 + 1 if config.bits == 8 else (n + 1) // 2 + (n + 63) // 64 * 4 + 1024
+            total += bnb_layout.quantized_bytes(shape[0], shape[1], _torch_name(dtype), config)
         else:
-            total += _nbytes(dtype, shape)
-    if total > _parse_shard_size(max_shard_size, TRANSFORMERS):
+            total += _core.dtype_nbytes(dtype, shape)
+    if total > parse_shard_size(max_shard_size, TRANSFORMERS.default_max_shard_size):
         return None
     return targets
 
@@ -294,7 +299,7 @@ def _parameter_count(model: nn.Module, source: _Source, targets: set[str], confi
     for name, p in model.named_parameters():
         n = p.numel()
         if config.bits == 4 and name.endswith(".weight") and name[: -len(".weight")] in targets:
-            n = (n + 1) // 2 * 2
+            n = bnb_layout.logical_parameters(bnb_layout.packed_bytes(n))
         total += n
     return total
 
@@ -313,37 +318,9 @@ def _natural_key(name: str) -> list[tuple[Any, ...]]:
     return parts
 
 
-def _nbytes(dtype: str, shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    bits = {
-        "F64": 64,
-        "I64": 64,
-        "U64": 64,
-        "F32": 32,
-        "I32": 32,
-        "U32": 32,
-        "BF16": 16,
-        "F16": 16,
-        "I16": 16,
-        "U16": 16,
-    }
-    return n * bits.get(dtype, 8) // 8
-
-
-def _quant_state_json(quant_type: str, dtype: str, shape: list[int], offset: float | None) -> bytes:
-    """bitsandbytes' packed quant state (``QuantState.as_dict(packed=True)``): JSON of the
-    non-tensor fields in its order."""
-    state: dict[str, Any] = {
-        "quant_type": quant_type,
-        "blocksize": _BLOCKSIZE,
-        "dtype": str(_FLOATS[dtype]).removeprefix("torch."),
-        "shape": shape,
-    }
-    if offset is not None:
-        state.update(nested_blocksize=_NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=offset)
-    return json.dumps(state).encode("utf-8")
+def _torch_name(dtype: str) -> str:
+    """The torch name of a source float dtype (``"BF16"`` -> ``"bfloat16"``), as the quant state records it."""
+    return str(_FLOATS.get(dtype, torch.float32)).removeprefix("torch.")
 
 
 def _plan_output(source: _Source, order: list[str], targets: set[str], config: BitsAndBytesConfig) -> _Output:
@@ -378,47 +355,36 @@ def _plan_output(source: _Source, order: list[str], targets: set[str], config: B
 
 def _add_weight(out: _Output, add: Any, source: _Source, key: str, config: BitsAndBytesConfig) -> None:
     _file, _dtype, (rows, cols) = source.tensors[key]
-    n = rows * cols
-    if config.bits == 8:
-        add(key, "I8", [rows, cols])
-    else:
-        add(key, "U8", [(n + 1) // 2, 1])
+    add(key, *bnb_layout.weight_spec(rows, cols, config.bits))
 
 
 def _add_state(out: _Output, add: Any, source: _Source, key: str, config: BitsAndBytesConfig) -> None:
-    """The tensors a quantized weight keeps beside itself, and the op producing them all."""
+    """The tensors a quantized weight keeps beside itself (``bnb_layout.state_specs``), and the
+    op producing them all."""
     file, dtype, (rows, cols) = source.tensors[key]
-    module = key[: -len(".weight")]
-    if config.bits == 8:
-        add(f"{module}.SCB", "F32", [rows])
-        add(f"{module}.weight_format", "U8", [])
-        out.ops.append(("int8", file, key, rows, cols, key, f"{module}.SCB"))
-        out.ops.append(("bytes", b"\x00", f"{module}.weight_format"))
-        return
-    qt = config.bnb_4bit_quant_type
-    blocks = (rows * cols + _BLOCKSIZE - 1) // _BLOCKSIZE
-    nested = None
-    offset = None
-    if config.bnb_4bit_use_double_quant:
-        absmax = torch.frombuffer(
-            bytearray(_core.absmax_4bit(source.files[file], key, _BLOCKSIZE)), dtype=torch.float32
-        )
+    qt, bs, offset = config.bnb_4bit_quant_type, bnb_layout.BLOCKSIZE, None
+    if config.bits == 4 and config.bnb_4bit_use_double_quant:
+        absmax = torch.frombuffer(bytearray(_core.absmax_4bit(source.files[file], key, bs)), dtype=torch.float32)
         offset = absmax.mean().item() if absmax.numel() else float("nan")
-        nested = (offset, f"{key}.nested_absmax")
-        add(f"{key}.absmax", "U8", [blocks])
-    else:
-        add(f"{key}.absmax", "F32", [blocks])
-    add(f"{key}.quant_map", "F32", [16])
-    out.ops.append(("bytes", bytes(_core.code_4bit(qt)), f"{key}.quant_map"))
-    if nested is not None:
-        add(f"{key}.nested_absmax", "F32", [(blocks + _NESTED_BLOCKSIZE - 1) // _NESTED_BLOCKSIZE])
-        add(f"{key}.nested_quant_map", "F32", [256])
-        out.ops.append(("bytes", bytes(_core.dynamic_map()), f"{key}.nested_quant_map"))
-    state_key = f"{key}.quant_state.bitsandbytes__{qt}"
-    state = _quant_state_json(qt, dtype, [rows, cols], offset)
-    add(state_key, "U8", [len(state)])
-    out.ops.append(("bytes", state, state_key))
-    out.ops.append(("quant4", file, key, qt, _BLOCKSIZE, key, f"{key}.absmax", nested))
+    state = bnb_layout.quant_state_json(qt, _torch_name(dtype), [rows, cols], offset) if config.bits == 4 else b""
+    specs = bnb_layout.state_specs(
+        key, rows, cols, bits=config.bits, quant_type=qt, double=offset is not None, state_len=len(state)
+    )
+    for spec in specs:
+        add(*spec)
+    # 8-bit: SCB, weight_format; 4-bit: absmax, quant_map[, nested_absmax, nested_quant_map], quant state.
+    names = [name for name, _, _ in specs]
+    if config.bits == 8:
+        out.ops.append(("int8", file, key, rows, cols, key, names[0]))
+        out.ops.append(("bytes", bnb_layout.WEIGHT_FORMAT, names[1]))
+        return
+    out.ops.append(("bytes", bytes(_core.code_4bit(qt)), names[1]))
+    nested = None
+    if offset is not None:
+        nested = (offset, names[2])
+        out.ops.append(("bytes", bytes(_core.dynamic_map()), names[3]))
+    out.ops.append(("bytes", state, names[-1]))
+    out.ops.append(("quant4", file, key, qt, bs, key, names[0], nested))
 
 
 def _write(
@@ -437,35 +403,45 @@ def _write(
     # reverted), diffusers in state-dict order.
     keys = sorted(out.keys, key=_natural_key) if family is TRANSFORMERS else out.keys
     groups = quantizer.weight_groups(keys)
-    ids: dict[str, int] = {}
-    plan_groups = []
-    for k in keys:
-        g = groups.get(k)
-        plan_groups.append(None if g is None else ids.setdefault(g, len(ids)))
-    sizes = [_nbytes(*out.specs[k]) for k in keys]
-    shards, total_size = _core.plan_shards(sizes, plan_groups, _parse_shard_size(max_shard_size, family))
-    weights_name = family.weights_name
-    file_names = _core.shard_file_names(weights_name, None, len(shards))
-    shard_of = {keys[i]: s for s, idx in enumerate(shards) for i in idx}
+    sizes = [_core.dtype_nbytes(*out.specs[k]) for k in keys]
+    limit = parse_shard_size(max_shard_size, family.default_max_shard_size)
+    plan = plan_checkpoint(keys, sizes, [groups.get(k) for k in keys], limit, family.weights_name)
+    file_names = plan.file_names
+    shard_of = {k: s for s, (_, names) in enumerate(plan.shard_keys()) for k in names}
     meta = {"format": "pt"}
-    shard_specs = [([(keys[i], *out.specs[keys[i]]) for i in idx], meta) for idx in shards]
-    ops: list[tuple[Any, ...]] = []
+    shard_specs = [([(k, *out.specs[k]) for k in names], meta) for _, names in plan.shard_keys()]
+    ops: list[_core.ConvertOp] = []
     for op in out.ops:
         kind = op[0]
         if kind == "copy":
             _, file, name, target = op
-            ops.append(("copy", file, name, shard_of[target], target))
+            ops.append(_core.ConvertOp.copy(file=file, name=name, shard=shard_of[target], target=target))
         elif kind == "bytes":
             _, data, target = op
-            ops.append(("bytes", data, shard_of[target], target))
+            ops.append(_core.ConvertOp.bytes(data=data, shard=shard_of[target], target=target))
         elif kind == "quant4":
             _, file, name, qt, bs, packed, absmax, nested = op
-            ops.append(("quant4", file, name, qt, bs, shard_of[packed], packed, absmax, nested))
+            ops.append(
+                _core.ConvertOp.quant4(
+                    file=file,
+                    name=name,
+                    quant_type=qt,
+                    blocksize=bs,
+                    shard=shard_of[packed],
+                    packed=packed,
+                    absmax=absmax,
+                    nested=nested,
+                )
+            )
         else:
             _, file, name, rows, cols, weight, scb = op
-            ops.append(("int8", file, name, rows, cols, shard_of[weight], weight, scb))
+            ops.append(
+                _core.ConvertOp.int8(
+                    file=file, name=name, rows=rows, cols=cols, shard=shard_of[weight], weight=weight, scb=scb
+                )
+            )
 
-    result = SaveResult(directory=dst, files=list(file_names), num_shards=len(shards))
+    result = SaveResult(directory=dst, files=list(file_names), num_shards=len(plan.shards))
     # Everything is written into a staging folder that replaces `dst` in one atomic step.
     with staged_directory(dst, fsync=fsync_enabled()) as stage:
         conversion = _core.Conversion(
@@ -475,17 +451,14 @@ def _write(
             chunk_elems=_CHUNK_ELEMS,
             fsync=fsync_enabled(),
         )
-        total_in = sum(_nbytes(d, s) for _, d, s in source.tensors.values())
+        total_in = sum(_core.dtype_nbytes(d, s) for _, d, s in source.tensors.values())
         result.total_bytes = sum(_run(conversion, progress, total_in))
         hashes = None
         if checksums:
             hashes = dict(zip(file_names, _core.sha256_files([str(stage / f) for f in file_names]), strict=True))
         write_checksums(stage, hashes, result)
-        index_meta: dict[str, Any] = {"total_size": total_size}
-        if family is TRANSFORMERS:
-            index_meta["total_parameters"] = out.parameters
-        weight_map = {k: file_names[s] for k, s in shard_of.items()}
-        finish_checkpoint(stage, result, file_names, weight_map, index_meta, json_files, weights_name, None)
+        index_meta = {"total_parameters": out.parameters} if family is TRANSFORMERS else {}
+        finish_checkpoint(stage, plan, CheckpointFiles(meta, index_meta, json_files), result)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -494,15 +467,7 @@ def _run(conversion: _core.Conversion, progress: bool | None, total: int) -> lis
     """Runs the conversion (without the GIL), with a byte progress bar when asked or on a TTY."""
     import sys
 
-    enabled = sys.stderr.isatty() if progress is None else progress
-    bar = None
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, desc="Converting", unit="B", unit_scale=True)
-        except ImportError:
-            bar = None
+    bar = progress_bar(sys.stderr.isatty() if progress is None else progress, total, "Converting", unit="B")
     if bar is None:
         return conversion.run()
     sizes: list[int] = []

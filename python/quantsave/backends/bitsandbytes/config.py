@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from quantsave.backends.config import QuantizationConfig
+from quantsave.backends.config import QuantizationConfig, parse_dtype
 
 __all__ = ["BitsAndBytesConfig"]
 
@@ -24,16 +24,6 @@ _FIELDS = (
     "bnb_4bit_compute_dtype",
     "bnb_4bit_quant_storage",
 )
-
-
-def _dtype(value: Any, field: str) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
-    if isinstance(value, str):
-        dt = getattr(torch, value.removeprefix("torch."), None)
-        if isinstance(dt, torch.dtype):
-            return dt
-    raise ValueError(f"{field} must be a torch.dtype or its name, got {value!r}")
 
 
 class BitsAndBytesConfig(QuantizationConfig):
@@ -80,10 +70,12 @@ class BitsAndBytesConfig(QuantizationConfig):
         self.bnb_4bit_compute_dtype = (
             torch.float32
             if bnb_4bit_compute_dtype is None
-            else _dtype(bnb_4bit_compute_dtype, "bnb_4bit_compute_dtype")
+            else parse_dtype(bnb_4bit_compute_dtype, "bnb_4bit_compute_dtype")
         )
         self.bnb_4bit_quant_storage = (
-            torch.uint8 if bnb_4bit_quant_storage is None else _dtype(bnb_4bit_quant_storage, "bnb_4bit_quant_storage")
+            torch.uint8
+            if bnb_4bit_quant_storage is None
+            else parse_dtype(bnb_4bit_quant_storage, "bnb_4bit_quant_storage")
         )
 
     @property

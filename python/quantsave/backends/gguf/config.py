@@ -7,28 +7,65 @@ from typing import Any
 
 import torch
 
-from quantsave.backends.config import QuantizationConfig
+from quantsave.backends.config import QuantizationConfig, parse_dtype
 
 __all__ = ["GGUFQuantizationConfig"]
 
+_KEYS = ("quant_method", "compute_dtype", "pre_quantized", "modules_to_not_convert")
+
 
 class GGUFQuantizationConfig(QuantizationConfig):
-    """GGUF weights dequantized on the fly; mirrors ``diffusers.GGUFQuantizationConfig``."""
+    """GGUF weights dequantized on the fly; mirrors ``diffusers.GGUFQuantizationConfig``.
+
+    Args:
+        compute_dtype: the floating dtype (or its name) the layers compute in; float32 by default.
+        modules_to_not_convert: names of modules kept in float (diffusers' loader reads it;
+            its ``__init__`` always sets None, but a config read back keeps what it held).
+
+    Raises:
+        ValueError: a ``compute_dtype`` that is not a floating torch dtype or its name, or a
+            ``modules_to_not_convert`` that is not a list of names.
+    """
 
     quant_method = "gguf"
 
-    def __init__(self, compute_dtype: torch.dtype | str | None = None) -> None:
+    def __init__(
+        self, compute_dtype: torch.dtype | str | None = None, *, modules_to_not_convert: list[str] | None = None
+    ) -> None:
         super().__init__()
-        if isinstance(compute_dtype, str):
-            compute_dtype = getattr(torch, compute_dtype)
-        self.compute_dtype = compute_dtype or torch.float32
+        if modules_to_not_convert is not None and (
+            not isinstance(modules_to_not_convert, (list, tuple))
+            or not all(isinstance(m, str) for m in modules_to_not_convert)
+        ):
+            raise ValueError(f"modules_to_not_convert must be a list of module names, got {modules_to_not_convert!r}")
+        self.compute_dtype = (
+            torch.float32 if compute_dtype is None else parse_dtype(compute_dtype, "compute_dtype", floating=True)
+        )
+        self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": self.quant_method, "compute_dtype": str(self.compute_dtype).split(".")[1]}
+        """diffusers' ``to_dict()`` (its ``__dict__``), with the dtype written by name."""
+        return {
+            "quant_method": self.quant_method,
+            "compute_dtype": str(self.compute_dtype).split(".")[1],
+            "pre_quantized": True,
+            "modules_to_not_convert": None
+            if self.modules_to_not_convert is None
+            else list(self.modules_to_not_convert),
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GGUFQuantizationConfig:
-        unknown = set(data) - {"quant_method", "compute_dtype", "pre_quantized", "modules_to_not_convert"}
+        """Builds the config from its dict form (or a diffusers ``to_dict()``).
+
+        Raises:
+            ValueError: unknown keys, another ``quant_method`` or a bad value.
+        """
+        unknown = set(data) - set(_KEYS)
         if unknown:
             raise ValueError(f"unknown GGUFQuantizationConfig keys {sorted(unknown)}")
-        return cls(compute_dtype=data.get("compute_dtype"))
+        method = data.get("quant_method", cls.quant_method)
+        method = getattr(method, "value", method)
+        if method != cls.quant_method:
+            raise ValueError(f"expected quant_method {cls.quant_method!r}, got {method!r}")
+        return cls(compute_dtype=data.get("compute_dtype"), modules_to_not_convert=data.get("modules_to_not_convert"))

@@ -10,7 +10,6 @@ diffusers (``GGUFParameter``, ``GGUFLinear``) are imported only when a function 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import re
@@ -34,13 +33,15 @@ from quantsave.backends.gguf.reader import STRING as _STRING
 from quantsave.backends.gguf.reader import TensorInfo as _TensorInfo
 from quantsave.backends.gguf.reader import map_gguf as _map
 from quantsave.backends.modules import replace_module
-from quantsave.checkpoint.commit import fsync_dir
+from quantsave.backends.registry import record_config
+from quantsave.checkpoint.commit import fsync_enabled
+from quantsave.checkpoint.names import temp_path
 from quantsave.checkpoint.reader import read_config
 from quantsave.checkpoint.tensors import byte_view, is_wrapper_subclass, tensor_from_map
+from quantsave.checkpoint.writer import SaveResult
 from quantsave.errors import CheckpointError
 from quantsave.families import DIFFUSERS, PLAIN, family_of, is_pipeline, model_config_files
 from quantsave.load import _empty_weights, build_skeleton
-from quantsave.save import SaveResult, fsync_enabled
 
 __all__ = ["QUANTIZE_TYPES", "load_gguf", "save_gguf"]
 
@@ -62,7 +63,6 @@ _TORCH_TO_GGML = {
 }  # fmt: skip
 #: Types ``save_gguf(quant_type=...)`` offers: gguf has a quantizer and diffusers a kernel.
 QUANTIZE_TYPES = ("BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
-_COUNTER = itertools.count()
 
 
 def _import_gguf() -> ModuleType:
@@ -176,7 +176,7 @@ def _parse_quant_type(value: Any, gguf: ModuleType) -> int | None:
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Writes through ``write`` into a temporary sibling, then renames it over ``path``; on any
     failure (Ctrl-C included) the temporary is removed and ``path`` is untouched."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{next(_COUNTER)}.quantsave.tmp")
+    tmp = Path(temp_path(path))
     fsync = fsync_enabled()
     try:
         write(tmp)
@@ -189,7 +189,7 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
             tmp.unlink()
         raise
     if fsync:
-        fsync_dir(path.parent)
+        _core.fsync_dir(path.parent)
 
 
 def save_gguf(
@@ -427,7 +427,7 @@ def load_gguf(
     if missing:
         raise CheckpointError(f"GGUF file {path} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
     if quantized:
-        model._quantsave_config = GGUFQuantizationConfig(compute_dtype=dtype)  # type: ignore[assignment]
+        record_config(model, GGUFQuantizationConfig(compute_dtype=dtype))
     return model.eval()
 
 

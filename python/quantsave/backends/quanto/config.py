@@ -22,13 +22,16 @@ class QuantoConfig(QuantizationConfig):
         weights_dtype: ``"float8"`` (float8_e4m3fn), ``"int8"``, ``"int4"`` or ``"int2"``.
         modules_to_not_convert: short names of Linear layers kept in float (diffusers matches
             a layer's own attribute name, not its dotted path).
+        from_qmap: True for the config of a folder in optimum-quanto's own layout, read from its
+            ``quanto_qmap.json`` (no ``config.json`` to check the float layers against); not part
+            of ``to_dict`` nor of equality.
     """
 
     quant_method = "quanto"
-    #: True for a config read from optimum-quanto's own ``quanto_qmap.json`` (not in ``to_dict``).
-    from_qmap: bool = False
 
-    def __init__(self, weights_dtype: str = "int8", modules_to_not_convert: list[str] | None = None) -> None:
+    def __init__(
+        self, weights_dtype: str = "int8", modules_to_not_convert: list[str] | None = None, *, from_qmap: bool = False
+    ) -> None:
         super().__init__()
         if weights_dtype not in WEIGHTS_DTYPES:
             raise ValueError(f"weights_dtype must be one of {list(WEIGHTS_DTYPES)}, got {weights_dtype!r}")
@@ -39,6 +42,7 @@ class QuantoConfig(QuantizationConfig):
             raise ValueError(f"modules_to_not_convert must be a list of module names, got {modules_to_not_convert!r}")
         self.weights_dtype = weights_dtype
         self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
+        self.from_qmap = bool(from_qmap)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -1,58 +1,39 @@
 """optimum-quanto: frozen ``QLinear`` layers with int8, float8, int4 or int2 weights, saved in the
 layout diffusers' ``from_pretrained`` reads, plus ``quanto_qmap.json`` for optimum-quanto's loaders.
 
-Checkpoint layout for a quantized Linear ``P`` (weight ``[out, in]``, ``D`` the model dtype)::
-
-    int8    P.weight._data        int8 [out, in]
-    float8  P.weight._data        float8_e4m3fn [out, in]
-            P.weight._scale       D [out, 1]           (per-tensor [] when out == 1)
-    int4    P.weight._data._data  uint8 [ceil(R / 2), C]
-    int2    P.weight._data._data  uint8 [ceil(R / 4), C]
-            P.weight._scale       D [R, 1]
-            P.weight._shift       D [R, 1]             w = code * scale - shift
-    all     P.input_scale, P.output_scale   D []       1.0 (weight-only quantization)
-
-``(R, C)`` is ``(out, in)``, or ``(out * in / g, g)`` with quanto's group size ``g``. The 2/4-bit
-codes are packed planar along dim 0, not in adjacent nibbles (int4 shown, ``rd = ceil(R / 2)``)::
-
-    byte[r, c] = code[r, c] | code[r + rd, c] << 4        e.g. codes 3 (row r), 9 (row r+rd) -> 0x93
-
-optimum-quanto picks the in-memory int4 layout by device and dtype (TinyGemm for bfloat16 on CPU
-or recent CUDA, AWQ for float16 on CUDA, Marlin for float8 on CUDA); its state dict converts
-back, so files always hold the standard layout above, and loading builds that standard layout.
-
-The tensors of one Linear (``weight.*``, ``input_scale``, ``output_scale``) form a group that the
-planner never splits across shards.
+The quantizer: checks a model's quanto layers against the format and the config, writes the
+config (diffusers' form, or a form transformers refuses) and the map, and rebuilds ``QLinear``
+layers on load. The checkpoint layout is drawn and defined in ``quantsave.backends.quanto.layout``.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from quantsave.backends.config import QuantizationConfig
+from quantsave.backends.layout import ParameterCount
 from quantsave.backends.modules import linear_at, replace_module
 from quantsave.backends.quantizer import Quantizer
+from quantsave.backends.quanto import layout
 from quantsave.backends.quanto.config import QuantoConfig
+from quantsave.backends.quanto.layout import QMAP_NAME
 from quantsave.errors import CheckpointError
 from quantsave.families import DIFFUSERS, TRANSFORMERS, Family, family_of
 
+if TYPE_CHECKING:
+    from quantsave.checkpoint.reader import Checkpoint
+
 __all__ = ["QMAP_NAME", "QuantoQuantizer", "import_quanto", "is_qmodule"]
 
-#: The file optimum-quanto's ``QuantizedDiffusersModel``/``QuantizedTransformersModel`` read.
-QMAP_NAME = "quanto_qmap.json"
 _NOT_LINEAR = (
     ": only quantized Linear layers can be loaded (quanto's QConv2d/QLayerNorm are not part "
     "of the diffusers format, and diffusers would load them as NaN)"
 )
-#: Key suffixes of a quantized weight (longest first); ``_scale_shift`` is TinyGemm's in-memory
-#: form, never valid in a file, listed so it is reported instead of ignored.
-_WEIGHT_SUFFIXES = (".weight._data._data", ".weight._scale_shift", ".weight._data", ".weight._scale", ".weight._shift")
-_SCALE_SUFFIXES = (".input_scale", ".output_scale")
 _QTYPE_OF = {"int8": "qint8", "float8": "qfloat8_e4m3fn", "int4": "qint4", "int2": "qint2"}
 _DTYPE_OF = {**{q: d for d, q in _QTYPE_OF.items()}, "qfloat8": "float8"}
 
@@ -77,14 +58,6 @@ def is_qmodule(module: nn.Module) -> bool:
 
 def _short(name: str) -> str:
     return name.rpartition(".")[2]
-
-
-def _owner(key: str) -> str | None:
-    """The module whose quantized weight ``key`` belongs to, if it is one."""
-    for suffix in _WEIGHT_SUFFIXES:
-        if key.endswith(suffix):
-            return key[: -len(suffix)]
-    return None
 
 
 def _inspect(model: nn.Module) -> tuple[str, list[str], list[str]]:
@@ -273,17 +246,14 @@ class QuantoQuantizer(Quantizer):
         return {QMAP_NAME: json.dumps(qmap, indent=4)}
 
     def weight_groups(self, keys: list[str]) -> dict[str, str]:
-        owners = {o for o in map(_owner, keys) if o is not None}
-        out: dict[str, str] = {}
-        for k in keys:
-            owner = _owner(k)
-            if owner is None:
-                for suffix in _SCALE_SUFFIXES:
-                    if k.endswith(suffix) and k[: -len(suffix)] in owners:
-                        owner = k[: -len(suffix)]
-            if owner is not None:
-                out[k] = owner
-        return out
+        return layout.weight_groups(keys)
+
+    @classmethod
+    def count_parameters(cls, ckpt: Checkpoint, qconfig: dict[str, Any] | None) -> ParameterCount:
+        return layout.count_parameters(ckpt, qconfig)
+
+    def check_checkpoint(self, ckpt: Checkpoint) -> list[str]:
+        return layout.check(ckpt)
 
     def load_into(
         self, model: nn.Module, state_dict: dict[str, torch.Tensor], metadata: dict[str, str], directory: Path
@@ -295,10 +265,10 @@ class QuantoQuantizer(Quantizer):
         rest = dict(state_dict)
         members: dict[str, dict[str, torch.Tensor]] = {}
         for k in list(rest):
-            owner = _owner(k)
+            owner = layout.owner(k)
             if owner is not None:
                 members.setdefault(owner, {})[k[len(owner) + 1 :]] = rest.pop(k)
-        if not getattr(self.config, "from_qmap", False):
+        if not self.config.from_qmap:
             # With a config.json, layers it does not exclude must be quantized (as diffusers reads
             # it); a folder in quanto's own layout has only the map, which _check_qmap checks.
             self._check_float_layers(model, rest, members)
@@ -423,9 +393,7 @@ def config_from_qmap(path: Path) -> QuantoConfig:
         raise CheckpointError(
             f"{path}: expected one weight type among {sorted(_DTYPE_OF)} for every quantized layer, got {sorted(kinds)}"
         )
-    config = QuantoConfig(weights_dtype=_DTYPE_OF[next(iter(kinds))])
-    config.from_qmap = True
-    return config
+    return QuantoConfig(weights_dtype=_DTYPE_OF[next(iter(kinds))], from_qmap=True)
 
 
 def qtype_name(weights_dtype: str) -> str:

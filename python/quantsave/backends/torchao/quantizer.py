@@ -1,19 +1,9 @@
 """torchao: models whose weights are torchao tensor subclasses (``Int8Tensor``, ``Float8Tensor``,
 ``IntxUnpackedToInt8Tensor``, ``Int4Tensor``, ...).
 
-Checkpoint layout (``torchao.prototype.safetensors``, torchao >= 0.16), for a quantized weight
-``m.weight`` of class ``C`` with inner tensors ``qdata``, ``scale``, ...::
-
-    m._weight_qdata, m._weight_scale, ...      plain tensors (required parts, then optional ones)
-    header metadata "m.weight"                 JSON {"_type": C, "_data": {attributes}, "_tensor_data_names": [...]}
-    header metadata "tensor_names"             JSON list of every original state-dict key
-    header metadata "<plain key>"              JSON {"_type": "Tensor"}
-
-Every shard carries the full metadata (the loaders merge the shards' metadata, so the last
-shard's must be complete); diffusers repeats it in the index metadata. Root-level (dot-less)
-names are listed for diffusers models, which route them around torchao, and left out for
-transformers models, whose loader cannot parse them. The parts of one weight form one group
-that the planner never splits. ``safe_serialization=False`` pickles the subclasses themselves.
+The quantizer: reads the workflow config off a model, flattens its tensor subclasses into plain
+tensors plus header metadata for a save (the parts of one weight form one group), and rebuilds
+them on load. The checkpoint layout is drawn and defined in ``quantsave.backends.torchao.layout``.
 """
 
 from __future__ import annotations
@@ -26,12 +16,15 @@ import torch
 from torch import nn
 
 from quantsave.backends.config import QuantizationConfig
+from quantsave.backends.layout import ParameterCount
 from quantsave.backends.quantizer import Quantizer
+from quantsave.backends.torchao import layout
 from quantsave.backends.torchao.config import TorchAoConfig
 from quantsave.checkpoint.tensors import is_wrapper_subclass
 from quantsave.errors import CheckpointError, NotSerializableError
 
 if TYPE_CHECKING:
+    from quantsave.checkpoint.reader import Checkpoint
     from quantsave.families import Family
 
 __all__ = ["TorchAoQuantizer", "MIN_SAFETENSORS_VERSION"]
@@ -60,16 +53,6 @@ def _allowed_subclasses() -> list[str]:
     from torchao.prototype.safetensors.safetensors_utils import ALLOWED_TENSORS_SUBCLASSES
 
     return list(ALLOWED_TENSORS_SUBCLASSES)
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    module, _, leaf = name.rpartition(".")
-    return module, leaf
-
-
-def _flat_prefix(name: str) -> str:
-    module, leaf = _split_name(name)
-    return f"{module}._{leaf}_"
 
 
 class TorchAoQuantizer(Quantizer):
@@ -178,7 +161,7 @@ class TorchAoQuantizer(Quantizer):
                     )
                 ao_tensor: Any = t  # a torchao tensor subclass (torchao ships no types)
                 parts = list(ao_tensor.tensor_data_names) + list(getattr(t, "optional_tensor_data_names", []) or [])
-                prefix = _flat_prefix(key)
+                prefix = layout.flat_prefix(key)
                 for part in parts:
                     value = getattr(t, part)
                     if value is None:
@@ -224,12 +207,19 @@ class TorchAoQuantizer(Quantizer):
     def weight_groups(self, keys: list[str]) -> dict[str, str]:
         return {k: self._groups[k] for k in keys if k in self._groups}
 
+    @classmethod
+    def count_parameters(cls, ckpt: Checkpoint, qconfig: dict[str, Any] | None) -> ParameterCount:
+        return layout.count_parameters(ckpt)
+
+    def check_checkpoint(self, ckpt: Checkpoint) -> list[str]:
+        return layout.check(ckpt)
+
     def load_into(
         self, model: nn.Module, state_dict: dict[str, torch.Tensor], metadata: dict[str, str], directory: Path
     ) -> dict[str, torch.Tensor]:
         """Rebuilds the torchao tensors from their parts and the shards' metadata (through torchao's
         ``unflatten_tensor_state_dict``) and installs them as frozen parameters."""
-        names = _tensor_names(metadata, state_dict)
+        names = layout.tensor_names(metadata, list(state_dict))
         if names is None:
             return state_dict
         try:
@@ -240,7 +230,7 @@ class TorchAoQuantizer(Quantizer):
         quantized: dict[str, dict[str, Any]] = {}
         for name in names:
             entry = metadata.get(name)
-            info = _parse_entry(name, entry)
+            info = layout.parse_entry(name, entry)
             kind = info.get("_type")
             if kind == "Tensor":
                 continue
@@ -261,7 +251,7 @@ class TorchAoQuantizer(Quantizer):
         rest = dict(state_dict)
         flat: dict[str, torch.Tensor] = {}
         for name, info in quantized.items():
-            prefix = _flat_prefix(name)
+            prefix = layout.flat_prefix(name)
             found = {k[len(prefix) :]: k for k in state_dict if k.startswith(prefix)}
             missing = [p for p in info["_tensor_data_names"] if p not in found]
             extra = sorted(set(found) - set(info["_tensor_data_names"]))
@@ -279,7 +269,7 @@ class TorchAoQuantizer(Quantizer):
         if leftover or set(rebuilt) != set(quantized):
             raise CheckpointError(f"torchao tensors not rebuilt: {sorted(set(quantized) - set(rebuilt))[:3]}")
         for name, t in rebuilt.items():
-            module_name, leaf = _split_name(name)
+            module_name, leaf = layout.split_name(name)
             try:
                 module = model.get_submodule(module_name)
             except AttributeError:
@@ -304,34 +294,3 @@ class TorchAoQuantizer(Quantizer):
             self.loaded_keys.add(name)
         return rest
 
-
-def _parse_entry(name: str, entry: Any) -> dict[str, Any]:
-    if not isinstance(entry, str):
-        raise CheckpointError(f"torchao metadata has no entry for tensor {name!r}")
-    try:
-        info = json.loads(entry)
-    except (ValueError, RecursionError) as e:  # bad JSON, huge integers, deep nesting
-        raise CheckpointError(f"torchao metadata of tensor {name!r} is not valid JSON: {e}") from e
-    if not isinstance(info, dict):
-        raise CheckpointError(f"torchao metadata of tensor {name!r} is not a JSON object")
-    return info
-
-
-def _tensor_names(metadata: dict[str, str], state_dict: dict[str, torch.Tensor]) -> list[str] | None:
-    """The ``tensor_names`` list of the shards' metadata; None when the checkpoint holds no
-    flattened torchao tensors and no metadata (nothing to rebuild)."""
-    raw = metadata.get("tensor_names")
-    if raw is None:
-        flat = [k for k in state_dict if k.rpartition(".")[2].startswith("_")]
-        if flat:
-            raise CheckpointError(
-                f"torchao checkpoint without its header metadata ('tensor_names'): cannot rebuild {flat[:3]}"
-            )
-        return None
-    try:
-        names = json.loads(raw)
-    except (ValueError, RecursionError) as e:  # bad JSON, huge integers, deep nesting
-        raise CheckpointError(f"torchao metadata 'tensor_names' is not valid JSON: {e}") from e
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise CheckpointError("torchao metadata 'tensor_names' is not a list of names")
-    return names
