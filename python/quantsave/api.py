@@ -16,7 +16,7 @@ from quantsave.families import is_pipeline
 from quantsave.load import load_model
 from quantsave.load import load_state_dict as _load_state_dict
 from quantsave.pipeline import save_pipeline
-from quantsave.save import SaveResult, save_model
+from quantsave.save import SaveOptions, SaveResult, save_model
 
 __all__ = ["save_quantized", "load_quantized", "load_state_dict"]
 
@@ -65,31 +65,12 @@ def save_quantized(
         ValueError: bad input (meta, sparse or shared tensors, bad names or sizes), before writing.
         OSError: the folder cannot be written; no partial file is left behind.
     """
+    options = SaveOptions(quantization_config, safe_serialization, max_shard_size, variant, progress, checksums)
     if is_pipeline(model_or_pipeline):
         if weights_name is not None or metadata is not None:
             raise ValueError("weights_name and metadata apply to a single model, not to a pipeline")
-        return save_pipeline(
-            model_or_pipeline,
-            save_directory,
-            quantization_config=quantization_config,
-            safe_serialization=safe_serialization,
-            max_shard_size=max_shard_size,
-            variant=variant,
-            progress=progress,
-            checksums=checksums,
-        )
-    return save_model(
-        model_or_pipeline,
-        save_directory,
-        quantization_config=quantization_config,
-        safe_serialization=safe_serialization,
-        max_shard_size=max_shard_size,
-        variant=variant,
-        weights_name=weights_name,
-        metadata=metadata,
-        progress=progress,
-        checksums=checksums,
-    )
+        return save_pipeline(model_or_pipeline, save_directory, options)
+    return save_model(model_or_pipeline, save_directory, options, weights_name=weights_name, metadata=metadata)
 
 
 def load_quantized(

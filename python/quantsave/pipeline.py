@@ -9,6 +9,7 @@ import inspect
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from quantsave.backends.config import resolve_config
 from quantsave.backends.registry import detect_quantizer, recorded_config
 from quantsave.checkpoint.commit import fsync_enabled
 from quantsave.checkpoint.names import check_file_name
-from quantsave.save import SaveResult, save_model
+from quantsave.save import SaveOptions, SaveResult, save_model
 
 __all__ = ["save_pipeline", "component_configs"]
 
@@ -95,17 +96,7 @@ def _own_save(
     save(str(directory), **kwargs)
 
 
-def save_pipeline(
-    pipe: Any,
-    save_directory: str | os.PathLike[str],
-    *,
-    quantization_config: Any = None,
-    safe_serialization: bool = True,
-    max_shard_size: int | str | None = None,
-    variant: str | None = None,
-    progress: bool | None = None,
-    checksums: bool = False,
-) -> SaveResult:
+def save_pipeline(pipe: Any, save_directory: str | os.PathLike[str], options: SaveOptions) -> SaveResult:
     """Saves a ``DiffusionPipeline`` (see ``quantsave.save_quantized``).
 
     A component named in ``quantization_config`` that holds no quantized layers yet is quantized
@@ -118,33 +109,11 @@ def save_pipeline(
         NotSerializableError: a quantized component's backend cannot be saved (nothing is written).
     """
     t0 = time.perf_counter()
-    if variant is not None:
-        check_file_name(variant, "variant")
+    if options.variant is not None:
+        check_file_name(options.variant, "variant")
     components = _saved_components(pipe)
-    configs = component_configs(quantization_config)
-    unknown = sorted(set(configs) - set(components))
-    if unknown:
-        raise ValueError(
-            f"quantization_config names {unknown}, which the pipeline does not have; components: {sorted(components)}"
-        )
-    for name in configs:
-        if not isinstance(components[name], nn.Module):
-            raise ValueError(
-                f"component {name!r} is a {type(components[name]).__name__}, not a model; it cannot be quantized"
-            )
-    # Check every quantized component can be saved before writing anything.
-    from quantsave.save import check_serializable, resolve_quantizer
-
-    quantized = {
-        name: c for name, c in components.items() if isinstance(c, nn.Module) and (name in configs or _is_quantized(c))
-    }
-    for name, model in quantized.items():
-        if name in configs and not _is_quantized(model):
-            continue
-        q = resolve_quantizer(model, configs.get(name))
-        if q is not None:
-            check_serializable(q, safe_serialization)
-
+    configs = component_configs(options.quantization_config)
+    quantized = _quantized_components(components, configs, options.safe_serialization)
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"save_directory {str(directory)!r} exists and is not a directory")
@@ -157,21 +126,12 @@ def save_pipeline(
                 from quantsave.quantize import quantize
 
                 quantize(component, configs[name])
-            sub = save_model(
-                component,
-                target,
-                quantization_config=configs.get(name),
-                safe_serialization=safe_serialization,
-                max_shard_size=max_shard_size,
-                variant=variant,
-                progress=progress,
-                checksums=checksums,
-            )
+            sub = save_model(component, target, replace(options, quantization_config=configs.get(name)))
             result.files.extend(f"{name}/{f}" for f in sub.files)
             result.total_bytes += sub.total_bytes
             result.num_shards += sub.num_shards
         else:
-            _own_save(component, target, safe_serialization, variant, max_shard_size)
+            _own_save(component, target, options.safe_serialization, options.variant, options.max_shard_size)
             for f in sorted(target.rglob("*")):
                 if f.is_file():
                     result.files.append(str(f.relative_to(directory)))
@@ -180,3 +140,32 @@ def save_pipeline(
     result.files.append("model_index.json")
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _quantized_components(
+    components: dict[str, Any], configs: dict[str, Any], safe_serialization: bool
+) -> dict[str, nn.Module]:
+    """The components saved through quantsave (quantized, or named in ``configs``), after checking
+    that ``configs`` names models of the pipeline and that every quantized one can be saved."""
+    unknown = sorted(set(configs) - set(components))
+    if unknown:
+        raise ValueError(
+            f"quantization_config names {unknown}, which the pipeline does not have; components: {sorted(components)}"
+        )
+    for name in configs:
+        if not isinstance(components[name], nn.Module):
+            raise ValueError(
+                f"component {name!r} is a {type(components[name]).__name__}, not a model; it cannot be quantized"
+            )
+    from quantsave.save import check_serializable, resolve_quantizer
+
+    quantized = {
+        name: c for name, c in components.items() if isinstance(c, nn.Module) and (name in configs or _is_quantized(c))
+    }
+    for name, model in quantized.items():
+        if name in configs and not _is_quantized(model):
+            continue
+        q = resolve_quantizer(model, configs.get(name))
+        if q is not None:
+            check_serializable(q, safe_serialization)
+    return quantized

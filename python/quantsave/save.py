@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -18,14 +19,21 @@ from quantsave.checkpoint.commit import fsync_enabled, staged_directory
 from quantsave.checkpoint.names import check_file_name
 from quantsave.checkpoint.plan import parse_shard_size, plan_checkpoint, storage_units
 from quantsave.checkpoint.tensors import check_tensors
-from quantsave.checkpoint.writer import CheckpointFiles, SaveResult, finish_checkpoint, write_checksums, write_shards
+from quantsave.checkpoint.writer import (
+    CheckpointFiles,
+    SaveResult,
+    ShardTensors,
+    finish_checkpoint,
+    write_checksums,
+    write_shards,
+)
 from quantsave.errors import NotSerializableError
 from quantsave.families import TRANSFORMERS, Family, family_of, is_pipeline, model_config_files, total_parameters
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["SaveResult", "check_serializable", "resolve_quantizer", "save_model"]
+__all__ = ["SaveOptions", "SaveResult", "check_serializable", "resolve_quantizer", "save_model"]
 
 
 def resolve_quantizer(model: nn.Module, quantization_config: Any) -> Quantizer | None:
@@ -80,18 +88,25 @@ def _transformers_state_dict(model: nn.Module, state_dict: dict[str, torch.Tenso
     return dict(revert_weight_conversion(hf_model, state_dict))
 
 
+@dataclass(frozen=True)
+class SaveOptions:
+    """The arguments of ``save_quantized`` that apply to every model a save writes."""
+
+    quantization_config: Any = None
+    safe_serialization: bool = True
+    max_shard_size: int | str | None = None
+    variant: str | None = None
+    progress: bool | None = None
+    checksums: bool = False
+
+
 def save_model(
     model: nn.Module,
     save_directory: str | os.PathLike[str],
+    options: SaveOptions,
     *,
-    quantization_config: Any = None,
-    safe_serialization: bool = True,
-    max_shard_size: int | str | None = None,
-    variant: str | None = None,
     weights_name: str | None = None,
     metadata: dict[str, str] | None = None,
-    progress: bool | None = None,
-    checksums: bool = False,
 ) -> SaveResult:
     """Saves one model (see ``quantsave.save_quantized``)."""
     t0 = time.perf_counter()
@@ -100,11 +115,12 @@ def save_model(
     if not isinstance(model, nn.Module):
         raise ValueError(f"expected a torch.nn.Module, got {type(model).__name__}")
     family = family_of(model)
-    quantizer = resolve_quantizer(model, quantization_config)
+    safe_serialization, variant = options.safe_serialization, options.variant
+    quantizer = resolve_quantizer(model, options.quantization_config)
     if quantizer is not None:
         check_serializable(quantizer, safe_serialization)
     weights_name = _weights_name(family, weights_name, variant, metadata, safe_serialization)
-    shard_limit = parse_shard_size(max_shard_size, family.default_max_shard_size)
+    shard_limit = parse_shard_size(options.max_shard_size, family.default_max_shard_size)
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"save_directory {str(directory)!r} exists and is not a directory")
@@ -120,9 +136,10 @@ def save_model(
     result = SaveResult(directory=directory, num_shards=len(plan.shards))
     # Everything is written into a staging folder that replaces `directory` in one atomic step.
     with staged_directory(directory, fsync=fsync_enabled()) as stage:
+        tensors = ShardTensors(state_dict, dtypes, files.header_metadata)
         hashes = write_shards(
-            stage, plan, state_dict, dtypes, files.header_metadata, result,
-            safe_serialization=safe_serialization, checksums=checksums, progress=progress,
+            stage, plan, tensors, result,
+            safe_serialization=safe_serialization, checksums=options.checksums, progress=options.progress,
         )  # fmt: skip
         write_checksums(stage, hashes, result)
         finish_checkpoint(stage, plan, files, result)

@@ -22,7 +22,15 @@ from quantsave.checkpoint.names import add_variant
 from quantsave.checkpoint.plan import CheckpointPlan
 from quantsave.checkpoint.tensors import byte_view, is_wrapper_subclass
 
-__all__ = ["CheckpointFiles", "SaveResult", "finish_checkpoint", "write_checksums", "write_shards"]
+__all__ = [
+    "CheckpointFiles",
+    "SaveResult",
+    "ShardTensors",
+    "finish_checkpoint",
+    "progress_bar",
+    "write_checksums",
+    "write_shards",
+]
 
 #: Host bytes gathered per write call for tensors that live on an accelerator.
 _DEVICE_BATCH_BYTES = 1 << 30
@@ -71,12 +79,19 @@ def progress_bar(enabled: bool | None, total: int, desc: str, unit: str = "shard
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B")
 
 
+@dataclass(frozen=True)
+class ShardTensors:
+    """The tensors a plan names, their safetensors dtype names and every header's metadata."""
+
+    state_dict: dict[str, torch.Tensor]
+    dtypes: dict[str, str]
+    header_metadata: dict[str, str]
+
+
 def write_shards(
     stage: Path,
     plan: CheckpointPlan,
-    state_dict: dict[str, torch.Tensor],
-    dtypes: dict[str, str],
-    header_metadata: dict[str, str],
+    tensors: ShardTensors,
     result: SaveResult,
     *,
     safe_serialization: bool = True,
@@ -88,10 +103,9 @@ def write_shards(
     hashes: dict[str, str] = {}
     try:
         if safe_serialization:
-            record = hashes if checksums else None
-            _write_safetensors(stage, plan, state_dict, dtypes, header_metadata, result, bar, record)
+            _write_safetensors(stage, plan, tensors, result, bar, hashes if checksums else None)
         else:
-            _write_pickles(stage, plan, state_dict, result, bar)
+            _write_pickles(stage, plan, tensors.state_dict, result, bar)
             if checksums:
                 paths = [str(stage / f) for f in plan.file_names]
                 hashes.update(zip(plan.file_names, _core.sha256_files(paths), strict=True))
@@ -118,15 +132,14 @@ def _write_pickles(
 def _write_safetensors(
     stage: Path,
     plan: CheckpointPlan,
-    state_dict: dict[str, torch.Tensor],
-    dtypes: dict[str, str],
-    header_metadata: dict[str, str],
+    tensors: ShardTensors,
     result: SaveResult,
     bar: Any,
     hashes: dict[str, str] | None,
 ) -> None:
     """Writes the shards, batching calls so accelerator tensors reach the host a batch at a time;
     records each file's sha256 in ``hashes`` when given (hashed while writing)."""
+    state_dict, dtypes, header_metadata = tensors.state_dict, tensors.dtypes, tensors.header_metadata
     on_host = all(t.device.type == "cpu" for t in state_dict.values())
     batch: list[tuple[Path, list[tuple[str, str, list[int], Any]], dict[str, str]]] = []
     batch_bytes = 0
@@ -146,12 +159,12 @@ def _write_safetensors(
         batch, batch_bytes = [], 0
 
     for fname, keys in plan.shard_keys():
-        tensors = []
+        views = []
         for k in keys:
             t = state_dict[k]
-            tensors.append((k, dtypes[k], list(t.shape), byte_view(t)))
+            views.append((k, dtypes[k], list(t.shape), byte_view(t)))
             batch_bytes += t.numel() * t.element_size()
-        batch.append((stage / fname, tensors, header_metadata))
+        batch.append((stage / fname, views, header_metadata))
         # Host tensors are written in one call (shards in parallel), or shard by shard when a
         # progress bar is shown; device tensors a batch at a time so host memory stays bounded.
         if (on_host and bar is not None) or (not on_host and batch_bytes >= _DEVICE_BATCH_BYTES):

@@ -233,6 +233,36 @@ def save_gguf(
     """
     t0 = time.perf_counter()
     gguf = _import_gguf()
+    path, metadata = _check_save(model, path, metadata)
+    family = family_of(model)
+    arch = (
+        architecture if architecture is not None else re.sub("[^a-z0-9]", "", type(model).__name__.lower()) or "pytorch"
+    )
+    if not isinstance(arch, str) or not arch:
+        raise ValueError(f"architecture must be a non-empty string, got {architecture!r}")
+    entries = _plan(model, _parse_quant_type(quant_type, gguf), gguf)
+
+    kv = {KEY_VERSION: _core.__version__, KEY_LIBRARY: family.name, KEY_CLASS: type(model).__name__}
+    config_text = model_config_files(model, family, None).get("config.json") if family is not PLAIN else None
+    if config_text is not None:
+        kv[KEY_CONFIG] = config_text
+    kv.update(metadata)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, lambda tmp: _write_file(tmp, gguf, arch, kv, entries))
+    result = SaveResult(directory=path.parent, files=[path.name], total_bytes=path.stat().st_size, num_shards=1)
+    if write_config and family is DIFFUSERS and config_text is not None:
+        _core.write_bytes_atomic(path.parent / "config.json", config_text.encode(), fsync=fsync_enabled())
+        result.files.append("config.json")
+        result.total_bytes += len(config_text.encode())
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _check_save(
+    model: nn.Module, path: str | os.PathLike[str], metadata: dict[str, str] | None
+) -> tuple[Path, dict[str, str]]:
+    """The target path and the extra metadata, after checking the arguments of ``save_gguf``."""
     if is_pipeline(model):
         raise ValueError("save_gguf writes one model; export each component of the pipeline")
     if not isinstance(model, nn.Module):
@@ -250,48 +280,28 @@ def save_gguf(
             raise ValueError("metadata must map non-empty strings to strings")
         if k in _RESERVED:
             raise ValueError(f"metadata key {k!r} is written by quantsave; pass architecture= for general.architecture")
-    family = family_of(model)
-    arch = (
-        architecture if architecture is not None else re.sub("[^a-z0-9]", "", type(model).__name__.lower()) or "pytorch"
-    )
-    if not isinstance(arch, str) or not arch:
-        raise ValueError(f"architecture must be a non-empty string, got {architecture!r}")
-    entries = _plan(model, _parse_quant_type(quant_type, gguf), gguf)
+    return path, metadata
 
-    kv = {KEY_VERSION: _core.__version__, KEY_LIBRARY: family.name, KEY_CLASS: type(model).__name__}
-    config_text = model_config_files(model, family, None).get("config.json") if family is not PLAIN else None
-    if config_text is not None:
-        kv[KEY_CONFIG] = config_text
-    kv.update(metadata)
 
-    def write(tmp: Path) -> None:
-        writer = gguf.GGUFWriter(tmp, arch)
-        try:
-            for key, value in kv.items():
-                writer.add_string(key, value)
-            if any(e.ggml_type not in _PLAIN for e in entries):
-                writer.add_uint32(_QUANT_VERSION, gguf.GGML_QUANT_VERSION)
-            for e in entries:
-                # A uint8 dtype tells the writer the shape counts bytes per row (quantized types).
-                qt = gguf.GGMLQuantizationType(e.ggml_type)
-                writer.add_tensor_info(e.name, e.shape, np.dtype(e.np_dtype), e.nbytes, raw_dtype=qt)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for e in entries:  # one tensor on the host at a time
-                writer.write_tensor_data(_host_bytes(e, gguf))
-        finally:
-            writer.close()
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, write)
-    result = SaveResult(directory=path.parent, files=[path.name], total_bytes=path.stat().st_size, num_shards=1)
-    if write_config and family is DIFFUSERS and config_text is not None:
-        _core.write_bytes_atomic(path.parent / "config.json", config_text.encode(), fsync=fsync_enabled())
-        result.files.append("config.json")
-        result.total_bytes += len(config_text.encode())
-    result.seconds = time.perf_counter() - t0
-    return result
+def _write_file(tmp: Path, gguf: ModuleType, arch: str, kv: dict[str, str], entries: list[_Entry]) -> None:
+    """Writes the header, KV data, tensor infos and tensor data (one tensor on the host at a time)."""
+    writer = gguf.GGUFWriter(tmp, arch)
+    try:
+        for key, value in kv.items():
+            writer.add_string(key, value)
+        if any(e.ggml_type not in _PLAIN for e in entries):
+            writer.add_uint32(_QUANT_VERSION, gguf.GGML_QUANT_VERSION)
+        for e in entries:
+            # A uint8 dtype tells the writer the shape counts bytes per row (quantized types).
+            qt = gguf.GGMLQuantizationType(e.ggml_type)
+            writer.add_tensor_info(e.name, e.shape, np.dtype(e.np_dtype), e.nbytes, raw_dtype=qt)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for e in entries:
+            writer.write_tensor_data(_host_bytes(e, gguf))
+    finally:
+        writer.close()
 
 
 # --- import ---------------------------------------------------------------------------------
@@ -387,6 +397,32 @@ def load_gguf(
     missing = [k for k in expected if k not in names and k not in tied]
     if missing:
         raise CheckpointError(f"GGUF file {path} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
+    plain, quantized = _read_tensors(path, infos, base, expected, set(linears), dtype, gguf)
+    for key, param in quantized.items():
+        _swap_in_gguf_linear(model, linears[key], param, dtype)
+    model.load_state_dict(plain, strict=False, assign=True)
+    tie_weights = getattr(model, "tie_weights", None)
+    if callable(tie_weights) and hasattr(model, "config"):
+        tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta and n not in tied]
+    if missing:
+        raise CheckpointError(f"GGUF file {path} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
+    if quantized:
+        record_config(model, GGUFQuantizationConfig(compute_dtype=dtype))
+    return model.eval()
+
+
+def _read_tensors(
+    path: Path,
+    infos: list[_TensorInfo],
+    base: torch.Tensor,
+    expected: dict[str, torch.Tensor],
+    linears: set[str],
+    dtype: torch.dtype,
+    gguf: ModuleType,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The file's tensors checked against the model's: plain ones (cast to ``dtype``, or
+    dequantized), and the ``GGUFParameter`` weights of Linear layers diffusers computes with."""
     plain: dict[str, torch.Tensor] = {}
     quantized: dict[str, torch.Tensor] = {}
     for info in infos:
@@ -417,18 +453,7 @@ def load_gguf(
             quantized[info.name] = utils.GGUFParameter(raw, quant_type=qt)
         else:
             plain[info.name] = _dequantize(raw, info, path, gguf).to(dtype)
-    for key, param in quantized.items():
-        _swap_in_gguf_linear(model, linears[key], param, dtype)
-    model.load_state_dict(plain, strict=False, assign=True)
-    tie_weights = getattr(model, "tie_weights", None)
-    if callable(tie_weights) and hasattr(model, "config"):
-        tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta and n not in tied]
-    if missing:
-        raise CheckpointError(f"GGUF file {path} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
-    if quantized:
-        record_config(model, GGUFQuantizationConfig(compute_dtype=dtype))
-    return model.eval()
+    return plain, quantized
 
 
 def _swap_in_gguf_linear(model: nn.Module, name: str, weight: torch.Tensor, dtype: torch.dtype) -> None:
