@@ -5,11 +5,18 @@ a plain dict wherever a config is taken, and ``parse_dtype`` for the configs' dt
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["QuantizationConfig", "config_class", "parse_dtype", "resolve_config"]
+__all__ = [
+    "QuantizationConfig",
+    "check_config_keys",
+    "config_class",
+    "parse_dtype",
+    "resolve_config",
+]
 
 _CONFIGS: dict[str, type[QuantizationConfig]] = {}
 
@@ -110,3 +117,19 @@ def resolve_config(config: Any) -> QuantizationConfig | None:
     if cls is None:
         return QuantizationConfig(data)
     return cls.from_dict(data)
+
+
+def check_config_keys(cls: type[QuantizationConfig], data: dict[str, Any], known: Iterable[str]) -> None:
+    """Refuses a ``config.json`` form with keys ``cls`` does not know or another ``quant_method``
+    (diffusers and transformers store an enum whose value is the string).
+
+    Raises:
+        ValueError: naming the unknown keys and the known ones, or both methods.
+    """
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(known)}")
+    method = data.get("quant_method", cls.quant_method)
+    method = getattr(method, "value", method)
+    if method != cls.quant_method:
+        raise ValueError(f"expected quant_method {cls.quant_method!r}, got {method!r}")

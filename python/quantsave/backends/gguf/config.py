@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from quantsave.backends.config import QuantizationConfig, parse_dtype
+from quantsave.backends.config import QuantizationConfig, check_config_keys, parse_dtype
 
 __all__ = ["GGUFQuantizationConfig"]
 
@@ -61,11 +61,5 @@ class GGUFQuantizationConfig(QuantizationConfig):
         Raises:
             ValueError: unknown keys, another ``quant_method`` or a bad value.
         """
-        unknown = set(data) - set(_KEYS)
-        if unknown:
-            raise ValueError(f"unknown GGUFQuantizationConfig keys {sorted(unknown)}")
-        method = data.get("quant_method", cls.quant_method)
-        method = getattr(method, "value", method)
-        if method != cls.quant_method:
-            raise ValueError(f"expected quant_method {cls.quant_method!r}, got {method!r}")
+        check_config_keys(cls, data, _KEYS)
         return cls(compute_dtype=data.get("compute_dtype"), modules_to_not_convert=data.get("modules_to_not_convert"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from quantsave.backends.config import QuantizationConfig
+from quantsave.backends.config import QuantizationConfig, check_config_keys
 
 __all__ = ["QuantoConfig", "WEIGHTS_DTYPES"]
 
@@ -62,13 +62,7 @@ class QuantoConfig(QuantizationConfig):
             ValueError: unknown keys, another ``quant_method``, a bad dtype, or quantized
                 activations (which neither format can load).
         """
-        unknown = sorted(set(data) - set(_KEYS))
-        if unknown:
-            raise ValueError(f"unknown QuantoConfig keys {unknown}; known keys: {sorted(_KEYS)}")
-        method = data.get("quant_method", cls.quant_method)
-        method = getattr(method, "value", method)
-        if method != cls.quant_method:
-            raise ValueError(f"expected quant_method {cls.quant_method!r}, got {method!r}")
+        check_config_keys(cls, data, _KEYS)
         activations = data.get("activations")
         # quanto's own quantization map spells "not quantized" as the string "none".
         if activations is not None and activations != "none":

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from quantsave.backends.config import QuantizationConfig
+from quantsave.backends.config import QuantizationConfig, check_config_keys
 
 __all__ = ["TorchAoConfig"]
 
@@ -143,12 +143,7 @@ class TorchAoConfig(QuantizationConfig):
         Raises:
             ValueError: unknown keys, a missing or invalid ``quant_type``, or another ``quant_method``.
         """
-        unknown = sorted(set(data) - set(_KEYS))
-        if unknown:
-            raise ValueError(f"unknown TorchAoConfig keys {unknown}; known keys: {sorted(_KEYS)}")
-        method = getattr(data.get("quant_method"), "value", data.get("quant_method", cls.quant_method))
-        if method != cls.quant_method:
-            raise ValueError(f"expected quant_method {cls.quant_method!r}, got {method!r}")
+        check_config_keys(cls, data, _KEYS)
         if "quant_type" not in data:
             raise ValueError("TorchAoConfig needs 'quant_type'")
         return cls(
