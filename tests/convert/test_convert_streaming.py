@@ -22,7 +22,8 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")
 
-convert_module = importlib.import_module("quantsave.convert.run")
+convert_source = importlib.import_module("quantsave.convert.source")
+convert_write = importlib.import_module("quantsave.convert.write")
 
 NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4")
 
@@ -108,7 +109,7 @@ def test_pipeline_bad_components_write_nothing(pipe_dir, tmp_path) -> None:  # t
 )
 def test_chunk_size_never_changes_a_byte(config, llama_dir, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     qs.convert(llama_dir, tmp_path / "whole", qs.BitsAndBytesConfig(**config), max_shard_size="60KB")
-    monkeypatch.setattr(convert_module, "_CHUNK_ELEMS", 1)  # one nested block (16 384 values) per chunk
+    monkeypatch.setattr(convert_write, "CHUNK_ELEMS", 1)  # one nested block (16 384 values) per chunk
     qs.convert(llama_dir, tmp_path / "chunked", qs.BitsAndBytesConfig(**config), max_shard_size="60KB")
     names = sorted(p.name for p in (tmp_path / "whole").iterdir())
     assert len(names) > 3 and names == sorted(p.name for p in (tmp_path / "chunked").iterdir())
@@ -167,12 +168,12 @@ def test_static_layout_spares_the_transformers_import(llama_dir, tmp_path) -> No
     cfg = json.loads((older / "config.json").read_text())
     cfg["transformers_version"] = "4.0.0"
     (older / "config.json").write_text(json.dumps(cfg))
-    layout = convert_module._static_layout(
-        convert_module._read_source(older), qs.BitsAndBytesConfig(load_in_4bit=True), None
+    layout = convert_source.static_targets(
+        convert_source.read_source(older), qs.BitsAndBytesConfig(load_in_4bit=True), None
     )
     assert layout is None
-    assert convert_module._static_layout(
-        convert_module._read_source(llama_dir), qs.BitsAndBytesConfig(load_in_4bit=True), None
+    assert convert_source.static_targets(
+        convert_source.read_source(llama_dir), qs.BitsAndBytesConfig(load_in_4bit=True), None
     )
 
 
@@ -194,8 +195,8 @@ def test_static_path_with_biased_linears(tmp_path) -> None:  # type: ignore[no-u
         num_key_value_heads=2, tie_word_embeddings=False,
     )
     transformers.Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "src")
-    assert convert_module._static_layout(
-        convert_module._read_source(tmp_path / "src"), qs.BitsAndBytesConfig(**NF4), None
+    assert convert_source.static_targets(
+        convert_source.read_source(tmp_path / "src"), qs.BitsAndBytesConfig(**NF4), None
     )
     for name, config in {"nf4": NF4, "int8": dict(load_in_8bit=True)}.items():
         qs.convert(tmp_path / "src", tmp_path / f"qs-{name}", qs.BitsAndBytesConfig(**config))
