@@ -114,6 +114,22 @@ def test_per_component_configs_quantize_on_save(tmp_path) -> None:  # type: igno
     assert torch.equal(_outputs(loaded)[1], float_text)
 
 
+def test_global_pipeline_config_resolved_by_diffusers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``PipelineQuantizationConfig(quant_backend=..., components_to_quantize=...)`` gives each
+    named component the config diffusers' own rule builds for it: the same folder as the mapping."""
+    pytest.importorskip("bitsandbytes")
+    kwargs = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    mapping = {"unet": diffusers.BitsAndBytesConfig(**kwargs)}
+    qs.save_quantized(_pipe(), tmp_path / "mapping", quantization_config=mapping)
+    pqc = diffusers.PipelineQuantizationConfig(
+        quant_backend="bitsandbytes_4bit", quant_kwargs=kwargs, components_to_quantize="unet"
+    )
+    qs.save_quantized(_pipe(), tmp_path / "global", quantization_config=pqc)
+    for sub in ("unet", "text_encoder", "scheduler"):
+        assert files_equal(tmp_path / "global" / sub, tmp_path / "mapping" / sub) == [], sub
+    assert "quantization_config" in json.loads((tmp_path / "global" / "unet" / "config.json").read_text())
+
+
 def _save_float_unet(tmp_path: Path) -> Path:
     path = tmp_path / "float-unet"
     _pipe().unet.save_pretrained(path)

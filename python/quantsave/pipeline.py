@@ -20,14 +20,25 @@ from quantsave.backends.config import resolve_config
 from quantsave.backends.registry import detect_quantizer, recorded_config
 from quantsave.checkpoint.commit import fsync_enabled
 from quantsave.checkpoint.names import check_file_name
+from quantsave.families import family_of
 from quantsave.save import SaveOptions, SaveResult, save_model
 
-__all__ = ["save_pipeline", "component_configs"]
+__all__ = ["component_configs", "is_component_mapping", "save_pipeline"]
 
 
-def component_configs(quantization_config: Any) -> dict[str, Any]:
+def is_component_mapping(quantization_config: Any) -> bool:
+    """True for per-component configs: a diffusers ``PipelineQuantizationConfig``, or a mapping
+    from component names to configs (a plain dict config has a ``quant_method`` key instead)."""
+    if callable(getattr(quantization_config, "_resolve_quant_config", None)):
+        return True
+    return isinstance(quantization_config, Mapping) and "quant_method" not in quantization_config
+
+
+def component_configs(quantization_config: Any, libraries: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Per-component configs from a mapping ``{component: config}`` or a diffusers
-    ``PipelineQuantizationConfig`` built with ``quant_mapping``.
+    ``PipelineQuantizationConfig``: with ``quant_mapping``, or with ``quant_backend`` /
+    ``quant_kwargs`` / ``components_to_quantize``, resolved by diffusers' own rule for each
+    component of ``libraries`` (component name -> "diffusers" or "transformers").
 
     Raises:
         ValueError: anything else (a single config does not say which components it is for).
@@ -35,13 +46,20 @@ def component_configs(quantization_config: Any) -> dict[str, Any]:
     if quantization_config is None:
         return {}
     mapping = getattr(quantization_config, "quant_mapping", None)
+    resolve = getattr(quantization_config, "_resolve_quant_config", None)
+    if mapping is None and callable(resolve):
+        # The global form: diffusers decides which components get which backend's config.
+        mapping = {}
+        for name, library in (libraries or {}).items():
+            config = resolve(is_diffusers=library == "diffusers", module_name=name)
+            if config is not None:
+                mapping[name] = config
     if mapping is None and isinstance(quantization_config, Mapping):
         mapping = quantization_config
     if not isinstance(mapping, Mapping):
         raise ValueError(
             "for a pipeline, quantization_config must map component names to configs "
-            "(e.g. {'transformer': BitsAndBytesConfig(...)}) or be a diffusers PipelineQuantizationConfig "
-            "with quant_mapping"
+            "(e.g. {'transformer': BitsAndBytesConfig(...)}) or be a diffusers PipelineQuantizationConfig"
         )
     out = {}
     for name, config in mapping.items():
@@ -112,7 +130,8 @@ def save_pipeline(pipe: Any, save_directory: str | os.PathLike[str], options: Sa
     if options.variant is not None:
         check_file_name(options.variant, "variant")
     components = _saved_components(pipe)
-    configs = component_configs(options.quantization_config)
+    libraries = {name: family_of(c).name for name, c in components.items() if isinstance(c, nn.Module)}
+    configs = component_configs(options.quantization_config, libraries)
     quantized = _quantized_components(components, configs, options.safe_serialization)
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():

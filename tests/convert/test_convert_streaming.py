@@ -80,6 +80,35 @@ def test_pipeline_folder_converts_named_components(pipe_dir, diffusers_bnb_on_cp
         assert torch.equal(a, b)
 
 
+def _tree_equal(a: Path, b: Path) -> list[str]:
+    """Files under ``b`` (recursively) whose bytes differ from, or are missing in, ``a``."""
+    differ = []
+    for f in sorted(p for p in b.rglob("*") if p.is_file()):
+        mine = a / f.relative_to(b)
+        if not mine.is_file() or mine.read_bytes() != f.read_bytes():
+            differ.append(str(f.relative_to(b)))
+    return differ
+
+
+def test_pipeline_convert_takes_the_mappings_save_quantized_takes(pipe_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``convert(pipeline_dir, dst, {component: config})`` and a ``PipelineQuantizationConfig`` (both
+    forms, the global one resolved by diffusers' own rule) mean what ``components=`` means."""
+    int8 = diffusers.BitsAndBytesConfig(load_in_8bit=True)
+    qs.convert(pipe_dir, tmp_path / "components", None, components={"unet": int8})
+    granular = {"mapping": {"unet": int8}, "pqc": diffusers.PipelineQuantizationConfig(quant_mapping={"unet": int8})}
+    for label, config in granular.items():
+        qs.convert(pipe_dir, tmp_path / label, config)
+        assert _tree_equal(tmp_path / label, tmp_path / "components") == [], label
+    qs.convert(pipe_dir, tmp_path / "shared", qs.BitsAndBytesConfig(**NF4), components=["unet", "text_encoder"])
+    pqc = diffusers.PipelineQuantizationConfig(
+        quant_backend="bitsandbytes_4bit", quant_kwargs=NF4, components_to_quantize=["unet", "text_encoder"]
+    )
+    qs.convert(pipe_dir, tmp_path / "global", pqc)
+    assert _tree_equal(tmp_path / "global", tmp_path / "shared") == []
+    with pytest.raises(ValueError, match="not both"):
+        qs.convert(pipe_dir, tmp_path / "both", {"unet": int8}, components=["unet"])
+
+
 def test_pipeline_component_mapping(pipe_dir, diffusers_bnb_on_cpu, tmp_path) -> None:  # type: ignore[no-untyped-def]
     qs.convert(pipe_dir, tmp_path / "qs", None, components={"unet": diffusers.BitsAndBytesConfig(load_in_8bit=True)})
     assert json.loads((tmp_path / "qs" / "unet" / "config.json").read_text())["quantization_config"]["load_in_8bit"]

@@ -15,6 +15,7 @@ from quantsave.checkpoint.reader import open_checkpoint, read_config
 from quantsave.checkpoint.writer import SaveResult
 from quantsave.convert.model import bnb_config, convert_model
 from quantsave.errors import CheckpointError
+from quantsave.pipeline import component_configs, is_component_mapping
 
 __all__ = ["convert_pipeline", "has_weights"]
 
@@ -35,6 +36,11 @@ def convert_pipeline(
     index = json.loads((src / "model_index.json").read_text(encoding="utf-8"))
     names = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None]
     with_weights = [n for n in names if (src / n).is_dir() and has_weights(src / n)]
+    if is_component_mapping(quantization_config):
+        if components is not None:
+            raise ValueError("pass per-component configs either as quantization_config or as components=, not both")
+        libraries = {k: v[0] for k, v in index.items() if k in with_weights}
+        components = component_configs(quantization_config, libraries)
     if isinstance(components, dict):
         configs = {name: bnb_config(c) for name, c in components.items()}
     else:
