@@ -108,6 +108,21 @@ def test_load_into_meta_skeleton_and_resave(quantized, tmp_path, llama_ids) -> N
     assert (tmp_path / "a" / "config.json").read_bytes() == (tmp_path / "b" / "config.json").read_bytes()
 
 
+def test_meta_skeleton_buffers_are_recreated(quantized, tmp_path, llama_ids) -> None:  # type: ignore[no-untyped-def]
+    """A skeleton built entirely on the meta device (buffers included) runs after loading: its
+    non-persistent buffers (rotary ``inv_freq``) are computed as ``from_pretrained`` computes them."""
+    from conftest import tiny_llama_config
+
+    _, model = quantized
+    qs.save_quantized(model, tmp_path / "a")
+    with torch.device("meta"):
+        skeleton = transformers.LlamaForCausalLM(tiny_llama_config())
+    loaded = qs.load_quantized(tmp_path / "a", skeleton)
+    assert not [n for n, t in [*loaded.named_parameters(), *loaded.named_buffers()] if t.is_meta]
+    assert torch.equal(loaded.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
+    assert torch.equal(_logits(loaded, llama_ids), _logits(model, llama_ids))
+
+
 @pytest.mark.parametrize("name", ["nf4", "nf4-dq-bf16", "int8"])
 def test_hand_quantized_llama_matches_from_pretrained(name, llama_dir, tmp_path, llama_ids) -> None:  # type: ignore[no-untyped-def]
     """``quantsave.quantize`` (the Rust codec on the CPU) on a float transformers model writes the

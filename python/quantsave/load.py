@@ -165,6 +165,7 @@ def load_model(
     tie_weights = getattr(model, "tie_weights", None)
     if callable(tie_weights) and hasattr(model, "config"):
         tie_weights()
+    _materialize_buffers(model, path)
     missing = [k for k in model.state_dict() if k not in loaded and k not in tied]
     missing += [n for n, p in model.named_parameters() if p.is_meta and n not in tied and n not in missing]
     if missing:
@@ -180,3 +181,35 @@ def load_model(
     if torch.device(device).type != "cpu":
         model = model.to(device)
     return model.eval()
+
+
+def _materialize_buffers(model: nn.Module, path: Path) -> None:
+    """Gives buffers left on the meta device (non-persistent ones, such as a rotary embedding's
+    ``inv_freq``, of a skeleton built on meta) real values the way transformers' ``from_pretrained``
+    does: moved off meta, then computed by the model's own ``initialize_weights`` with every
+    loaded tensor marked as initialized.
+
+    Raises:
+        CheckpointError: a buffer that is still on meta (a model without transformers' initializer).
+    """
+    meta = [name for name, b in model.named_buffers() if b.is_meta]
+    if not meta:
+        return
+    initialize = getattr(model, "initialize_weights", None)
+    if family_of(model) is TRANSFORMERS and callable(initialize):
+        for tensor in model.state_dict(keep_vars=True).values():
+            tensor._is_hf_initialized = True
+        for name in meta:
+            parent, _, leaf = name.rpartition(".")
+            holder = model.get_submodule(parent) if parent else model
+            buffer = holder._buffers[leaf]
+            if buffer is not None:
+                holder._buffers[leaf] = torch.empty_like(buffer, device="cpu")
+        initialize()
+        meta = [name for name, b in model.named_buffers() if b.is_meta]
+    if meta:
+        raise CheckpointError(
+            f"checkpoint in {path}: buffer(s) {meta[:3]} of the model are on the meta device and not in the "
+            "checkpoint (non-persistent buffers); build the skeleton with real buffers, e.g. under "
+            "accelerate.init_empty_weights(include_buffers=False)"
+        )

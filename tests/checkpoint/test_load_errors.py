@@ -523,3 +523,18 @@ def test_malformed_8bit_state_is_checkpoint_error(edit: str, tmp_path: Path) -> 
     _rewrite_state(folder, change)
     with pytest.raises(qs.CheckpointError):
         qs.load_quantized(folder, float_model())
+
+
+class _WithScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("scale", torch.ones(4), persistent=False)
+
+
+def test_meta_buffer_the_checkpoint_cannot_fill_is_named(tmp_path: Path) -> None:
+    qs.save_quantized(_WithScale(), tmp_path)
+    with torch.device("meta"):
+        skeleton = _WithScale()
+    with pytest.raises(qs.CheckpointError, match=r"'scale'.*meta device"):
+        qs.load_quantized(tmp_path, skeleton)
