@@ -22,7 +22,7 @@ import torch
 
 from quantsave import _core
 from quantsave.checkpoint.tensors import tensor_from_map
-from quantsave.errors import CheckpointError
+from quantsave.errors import CheckpointError, json_object
 from quantsave.families import FAMILIES
 
 __all__ = ["Checkpoint", "TensorInfo", "open_checkpoint", "read_config", "weights_names"]
@@ -118,13 +118,7 @@ def read_config(directory: Path) -> dict[str, Any] | None:
     path = directory / "config.json"
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, an over-long integer, deep nesting
-        raise CheckpointError(_invalid(path, f"config.json is not valid JSON: {e}")) from e
-    if not isinstance(data, dict):
-        raise CheckpointError(_invalid(path, "config.json is not a JSON object"))
-    return data
+    return json_object(path.read_bytes(), _invalid(path, "config.json"))
 
 
 def weights_names(config: dict[str, Any] | None) -> list[str]:

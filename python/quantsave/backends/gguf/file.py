@@ -10,7 +10,6 @@ diffusers (``GGUFParameter``, ``GGUFLinear``) are imported only when a function 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import sys
@@ -39,7 +38,7 @@ from quantsave.checkpoint.names import temp_path
 from quantsave.checkpoint.reader import read_config
 from quantsave.checkpoint.tensors import byte_view, is_wrapper_subclass, tensor_from_map
 from quantsave.checkpoint.writer import SaveResult
-from quantsave.errors import CheckpointError
+from quantsave.errors import CheckpointError, json_object
 from quantsave.families import DIFFUSERS, PLAIN, family_of, is_pipeline, model_config_files
 from quantsave.load import _empty_weights, build_skeleton
 
@@ -312,15 +311,8 @@ def _skeleton(path: Path, kv: dict[str, tuple[int, Any]]) -> nn.Module:
     vtype, text = kv.get(KEY_CONFIG, (_STRING, None))
     if vtype != _STRING:
         raise CheckpointError(f"invalid GGUF file {path}: KV {KEY_CONFIG!r} must be a string")
-    if text is None:
-        config = read_config(path.parent)
-    else:
-        try:
-            config = json.loads(text)
-        except (ValueError, RecursionError) as e:  # bad JSON, huge integers, deep nesting
-            raise CheckpointError(f"invalid GGUF file {path}: {KEY_CONFIG} is not valid JSON: {e}") from e
-        if not isinstance(config, dict):
-            raise CheckpointError(f"invalid GGUF file {path}: {KEY_CONFIG} is not a JSON object")
+    what = f"invalid GGUF file {path}: {KEY_CONFIG}"
+    config = read_config(path.parent) if text is None else json_object(text, what)
     if config is None:
         raise ValueError(
             f"{str(path)!r} records no model config and has no config.json beside it; "

@@ -33,7 +33,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from quantsave.backends.layout import ParameterCount, numel
-from quantsave.errors import CheckpointError
+from quantsave.errors import CheckpointError, json_object
 
 if TYPE_CHECKING:
     from quantsave.checkpoint.reader import Checkpoint
@@ -63,13 +63,7 @@ def parse_entry(name: str, entry: Any) -> dict[str, Any]:
     """
     if not isinstance(entry, str):
         raise CheckpointError(f"torchao metadata has no entry for tensor {name!r}")
-    try:
-        info = json.loads(entry)
-    except (ValueError, RecursionError) as e:  # bad JSON, huge integers, deep nesting
-        raise CheckpointError(f"torchao metadata of tensor {name!r} is not valid JSON: {e}") from e
-    if not isinstance(info, dict):
-        raise CheckpointError(f"torchao metadata of tensor {name!r} is not a JSON object")
-    return info
+    return json_object(entry, f"torchao metadata of tensor {name!r}")
 
 
 def tensor_names(metadata: dict[str, str], keys: list[str]) -> list[str] | None:

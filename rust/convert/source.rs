@@ -1,0 +1,92 @@
+//! Source tensors: a tensor resolved against its read-only map, its elements read as
+//! [`Floats`], and the release of processed pages. Reads only; must not depend on the output
+//! side (writers, plans).
+
+use crate::codec::Floats;
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::safetensors::{MappedFile, TensorInfo};
+
+/// A source tensor resolved against its mapped file.
+pub(super) struct Resolved<'a> {
+    pub(super) map: &'a MappedFile,
+    pub(super) info: &'a TensorInfo,
+}
+
+impl Resolved<'_> {
+    pub(super) fn bytes(&self, start: u64, len: u64) -> &[u8] {
+        let s = (self.info.start + start) as usize;
+        &self.map.map[s..s + len as usize]
+    }
+
+    pub(super) fn elem_size(&self) -> u64 {
+        self.info.dtype.byte_size(1).unwrap_or(1)
+    }
+
+    pub(super) fn numel(&self) -> u64 {
+        (self.info.end - self.info.start) / self.elem_size()
+    }
+
+    /// Drops the whole pages of a processed range from this process (they stay cached).
+    pub(super) fn release(&self, start: u64, len: u64) {
+        let page = 4096u64;
+        let lo = (self.info.start + start).div_ceil(page) * page;
+        let hi = ((self.info.start + start + len) / page) * page;
+        if hi > lo {
+            // SAFETY: the mapping is private and never written, so dropping its pages only
+            // makes later reads fault them in again from the file; no slice into the range is
+            // used after this call by this chunk, and concurrent readers of neighbouring bytes
+            // see the same file contents.
+            unsafe { crate::sys::release_pages(&self.map.map, lo as usize, (hi - lo) as usize) }
+        }
+    }
+}
+
+/// An aligned copy of `bytes` when they are not aligned for `T`.
+pub(super) fn aligned<T: bytemuck::Pod>(bytes: &[u8]) -> std::borrow::Cow<'_, [T]> {
+    match bytemuck::try_cast_slice::<u8, T>(bytes) {
+        Ok(s) => std::borrow::Cow::Borrowed(s),
+        Err(_) => {
+            let mut v = vec![T::zeroed(); bytes.len() / std::mem::size_of::<T>()];
+            bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(bytes);
+            std::borrow::Cow::Owned(v)
+        }
+    }
+}
+
+fn floats<'a>(dtype: Dtype, f32s: &'a [f32], u16s: &'a [u16]) -> Floats<'a> {
+    match dtype {
+        Dtype::F32 => Floats::F32(f32s),
+        Dtype::BF16 => Floats::Bf16(u16s),
+        _ => Floats::F16(u16s),
+    }
+}
+
+/// Reads the elements `start..start + len` of a float source as [`Floats`] and calls `f`.
+pub(super) fn with_floats<T>(
+    src: &Resolved<'_>,
+    start: u64,
+    len: u64,
+    f: impl FnOnce(Floats<'_>) -> T,
+) -> T {
+    let es = src.elem_size();
+    let bytes = src.bytes(start * es, len * es);
+    if src.info.dtype == Dtype::F32 {
+        let v = aligned::<f32>(bytes);
+        f(floats(Dtype::F32, &v, &[]))
+    } else {
+        let v = aligned::<u16>(bytes);
+        f(floats(src.info.dtype, &[], &v))
+    }
+}
+
+/// Errors unless the source is F32, BF16 or F16.
+pub(super) fn check_float(src: &Resolved<'_>) -> Result<()> {
+    match src.info.dtype {
+        Dtype::F32 | Dtype::BF16 | Dtype::F16 => Ok(()),
+        other => Err(Error::invalid(format!(
+            "tensor {:?} is {other}; only F32, BF16 and F16 weights can be quantized",
+            src.info.name
+        ))),
+    }
+}
