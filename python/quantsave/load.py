@@ -13,12 +13,14 @@ import torch
 from torch import nn
 
 from quantsave.backends.config import QuantizationConfig, resolve_config
+from quantsave.backends.quantizer import Quantizer
 from quantsave.backends.registry import get_quantizer, record_config
 from quantsave.checkpoint.reader import Checkpoint, open_checkpoint
+from quantsave.conversions import apply_plan, plan_keys
 from quantsave.errors import CheckpointError
-from quantsave.families import TRANSFORMERS, family_of
+from quantsave.families import DIFFUSERS, TRANSFORMERS, family_of
 
-__all__ = ["load_state_dict", "load_checkpoint", "load_model", "build_skeleton"]
+__all__ = ["build_skeleton", "load_checkpoint", "load_model", "load_state_dict", "materialize_buffers"]
 
 
 def load_state_dict(
@@ -115,11 +117,34 @@ def build_skeleton(directory: Path, config: dict[str, Any] | None) -> nn.Module:
             hf_config = transformers.AutoConfig.from_pretrained(directory)
         if hasattr(hf_config, "quantization_config"):
             del hf_config.quantization_config
-        with _empty_weights():
-            return cls._from_config(hf_config)  # type: ignore[no-any-return]
+        return _from_pretrained_skeleton(cls, hf_config)
     raise ValueError(
         f"config.json in {str(directory)!r} names no diffusers or transformers class; pass the model skeleton"
     )
+
+
+def _from_pretrained_skeleton(cls: Any, hf_config: Any) -> nn.Module:
+    """The model as transformers' ``from_pretrained`` builds it before loading: under the
+    config's dtype (its default ``dtype="auto"``) and the model class's own init contexts (wholly
+    on the meta device, weights not tied yet). The buffers a checkpoint does not hold
+    (non-persistent ones, e.g. sinusoidal positions) get their values after loading from the
+    model's own initializer (``materialize_buffers``), as there."""
+    name = getattr(hf_config, "dtype", None)
+    dtype = getattr(torch, name, None) if isinstance(name, str) else name
+    if not isinstance(dtype, torch.dtype):
+        dtype = torch.get_default_dtype()
+    hf_config.dtype = dtype
+    with contextlib.ExitStack() as stack:
+        for context in cls.get_init_context(dtype, True, False, None):
+            stack.enter_context(context)
+        model = cls(hf_config)
+        try:
+            from transformers.monkey_patching import patch_output_recorders
+        except ImportError:
+            pass
+        else:
+            patch_output_recorders(model)
+    return model  # type: ignore[no-any-return]
 
 
 def load_model(
@@ -135,12 +160,18 @@ def load_model(
     state_dict, qconfig, metadata = ckpt.state_dict(), _quantization_config(ckpt, qmap=True), ckpt.metadata
     if model is None:
         model = build_skeleton(ckpt.directory, ckpt.config)
-    loaded = set(state_dict)
+    quantizer = None
     if qconfig is not None:
         try:
             quantizer = get_quantizer(qconfig)
         except ValueError as e:  # a quant_method quantsave does not know
             raise CheckpointError(f"checkpoint in {path}: config.json: {e}") from e
+    if family_of(model) is TRANSFORMERS:
+        # transformers' own renamings, fused experts and ignore rules, as from_pretrained applies them.
+        owners = quantizer.weight_groups(list(state_dict)) if quantizer is not None else {}
+        state_dict = apply_plan(model, plan_keys(model, state_dict, owners), state_dict)
+    loaded = set(state_dict)
+    if quantizer is not None:
         try:
             rest = quantizer.load_into(model, state_dict, metadata, ckpt.directory)
         except CheckpointError as e:
@@ -165,25 +196,50 @@ def load_model(
     tie_weights = getattr(model, "tie_weights", None)
     if callable(tie_weights) and hasattr(model, "config"):
         tie_weights()
-    _materialize_buffers(model, path)
+    materialize_buffers(model, path)
     missing = [k for k in model.state_dict() if k not in loaded and k not in tied]
     missing += [n for n, p in model.named_parameters() if p.is_meta and n not in tied and n not in missing]
     if missing:
         raise CheckpointError(
             f"checkpoint in {path} lacks {len(missing)} weight(s) the model needs, e.g. {missing[:3]}"
         )
-    if qconfig is not None:
-        record_config(model, qconfig)
-    if family_of(model) is TRANSFORMERS and getattr(model, "_weight_conversions", None) is None:
-        # As from_pretrained records: the checkpoint's names were used as they are (no renaming or
-        # fusing), so a later save orders the tensors as transformers does after from_pretrained.
-        model._weight_conversions = []  # type: ignore[assignment]
+    if quantizer is not None:
+        record_config(model, quantizer.config)
+        _record_on_config(model, quantizer)
     if torch.device(device).type != "cpu":
         model = model.to(device)
     return model.eval()
 
 
-def _materialize_buffers(model: nn.Module, path: Path) -> None:
+def _record_on_config(model: nn.Module, quantizer: Quantizer) -> None:
+    """As ``from_pretrained`` leaves a pre-quantized model: its config carries the quantization
+    config (the library's own config class) and the model says it is quantized (``is_quantized``,
+    ``quantization_method``)."""
+    family = family_of(model)
+    raw = quantizer.config_dict(family)
+    try:
+        if family is TRANSFORMERS:
+            from transformers.quantizers.auto import AutoQuantizationConfig
+
+            config = AutoQuantizationConfig.from_dict(raw)
+            model.config.quantization_config = config  # type: ignore[union-attr]
+        elif family is DIFFUSERS:
+            from diffusers.quantizers.auto import DiffusersAutoQuantizer
+
+            config = DiffusersAutoQuantizer.from_dict(raw)  # (it returns the config)
+            model.register_to_config(quantization_config=config)  # type: ignore[operator]
+        else:
+            return
+    except (ImportError, ValueError):
+        # A config the library's own loader cannot read either (e.g. optimum-quanto's, which
+        # transformers refuses to serialize): there is no from_pretrained state to match; the
+        # config stays recorded for quantsave (save_quantized) only.
+        return
+    model.is_quantized = True  # type: ignore[assignment]
+    model.quantization_method = config.quant_method
+
+
+def materialize_buffers(model: nn.Module, path: Path) -> None:
     """Gives buffers left on the meta device (non-persistent ones, such as a rotary embedding's
     ``inv_freq``, of a skeleton built on meta) real values the way transformers' ``from_pretrained``
     does: moved off meta, then computed by the model's own ``initialize_weights`` with every

@@ -14,10 +14,11 @@ from quantsave.backends.bitsandbytes.config import BitsAndBytesConfig
 from quantsave.backends.bitsandbytes.quantizer import BitsAndBytesQuantizer
 from quantsave.backends.config import resolve_config
 from quantsave.checkpoint.writer import SaveResult
-from quantsave.convert.output import model_order, output_dtype, parameter_count, plan_output
-from quantsave.convert.source import read_source, static_config_files, static_targets
+from quantsave.convert.output import Output, model_order, output_dtype, parameter_count, plan_output, saved_order
+from quantsave.convert.source import Source, read_source, static_config_files, static_targets
 from quantsave.convert.write import write_conversion
-from quantsave.families import DIFFUSERS, TRANSFORMERS, family_of, model_config_files
+from quantsave.errors import CheckpointError
+from quantsave.families import DIFFUSERS, TRANSFORMERS, Family, family_of, model_config_files
 from quantsave.load import build_skeleton
 from quantsave.quantize import bnb_targets
 
@@ -61,21 +62,39 @@ def convert_model(
 
     layout = None if model is not None else static_targets(source, config, max_shard_size)
     if layout is not None:
-        family, targets, order = TRANSFORMERS, layout, list(source.tensors)
+        out = plan_output(source, [(k, k) for k in source.tensors], set(layout), config)
         json_files = static_config_files(source, quantizer)
+        family = TRANSFORMERS
     else:
-        if model is None:
-            model = build_skeleton(source.folder, source.config)
-        family = family_of(model)
-        if family is DIFFUSERS and "_name_or_path" not in model.config:  # type: ignore[operator]
-            # diffusers' from_pretrained records the source, and save_pretrained writes it.
-            model.register_to_config(_name_or_path=str(path))  # type: ignore[operator]
-        order = model_order(model, family, source)
-        targets = [t for t in bnb_targets(model, config) if f"{t}.weight" in source.tensors]
-        json_files = model_config_files(
-            model, family, quantizer.config_dict(family), dtype=output_dtype(model, source, set(targets))
-        )
-    out = plan_output(source, order, set(targets), config)
-    if model is not None and family is TRANSFORMERS:  # built above whenever there is no static layout
-        out.parameters = parameter_count(model, source, set(targets), config)
+        out, family, json_files = _plan_model(path, source, config, quantizer, model)
     return write_conversion(source, out, family, dst, quantizer, json_files, max_shard_size, progress, checksums, t0)
+
+
+def _plan_model(
+    path: Path, source: Source, config: BitsAndBytesConfig, quantizer: BitsAndBytesQuantizer, model: nn.Module | None
+) -> tuple[Output, Family, dict[str, str]]:
+    """The output planned from the model (the one passed in, or a meta skeleton for the source's
+    config): its names for the checkpoint's tensors, its quantized Linear layers, its config files."""
+    if model is None:
+        model = build_skeleton(source.folder, source.config)
+    family = family_of(model)
+    if family is DIFFUSERS and "_name_or_path" not in model.config:  # type: ignore[operator]
+        # diffusers' from_pretrained records the source, and save_pretrained writes it.
+        model.register_to_config(_name_or_path=str(path))  # type: ignore[operator]
+    order = model_order(model, family, source)
+    provided = order.model_keys
+    targets = {t for t in bnb_targets(model, config) if f"{t}.weight" in provided or f"{t}.weight" in order.plan.fused}
+    fused = sorted(t for t in targets if f"{t}.weight" in order.plan.fused)
+    if fused:
+        raise CheckpointError(
+            f"checkpoint in {source.folder}: transformers builds the quantized Linear weight(s) {fused[:3]} by fusing "
+            "several checkpoint tensors; convert cannot stream such a weight (load it with from_pretrained)"
+        )
+    json_files = model_config_files(
+        model, family, quantizer.config_dict(family), dtype=output_dtype(model, source, order, targets)
+    )
+    out = plan_output(source, order.pairs, targets, config)
+    if family is TRANSFORMERS:
+        out.parameters = parameter_count(model, targets, config)
+        saved_order(model, source, order, out)
+    return out, family, json_files

@@ -13,66 +13,115 @@ from torch import nn
 from quantsave import _core
 from quantsave.backends.bitsandbytes import layout as bnb_layout
 from quantsave.backends.bitsandbytes.config import BitsAndBytesConfig
+from quantsave.checkpoint.tensors import NAME_TO_DTYPE
+from quantsave.conversions import KeyPlan, plan_keys, realize, saved_layout
 from quantsave.convert.source import FLOATS, Source, torch_name
 from quantsave.errors import CheckpointError
 from quantsave.families import TRANSFORMERS, Family
 
-__all__ = ["Output", "model_order", "natural_key", "output_dtype", "parameter_count", "plan_output"]
+__all__ = [
+    "Output",
+    "SourceOrder",
+    "model_order",
+    "natural_key",
+    "output_dtype",
+    "parameter_count",
+    "plan_output",
+    "saved_order",
+]
 
 
 @dataclass
 class Output:
     """The planned output: tensors in state-dict order with their dtype and shape, the ops
-    producing them (output names, shard filled in later) and the quantized weight groups."""
+    producing them (output names, shard filled in later) and the quantized weight groups.
+    ``sizes`` overrides the bytes the shard planner counts for a key and ``storages`` puts keys in
+    one unit (tensors sharing one storage in the reference's model: counted once, never split)."""
 
     keys: list[str] = field(default_factory=list)
     specs: dict[str, tuple[str, list[int]]] = field(default_factory=dict)
     ops: list[tuple[Any, ...]] = field(default_factory=list)
     parameters: int = 0
+    ordered: bool = False  # keys are already in the order the reference saves them
+    sizes: dict[str, int] = field(default_factory=dict)
+    storages: dict[str, str] = field(default_factory=dict)
 
 
-def model_order(model: nn.Module, family: Family, source: Source) -> list[str]:
-    """The source tensors in the model's state-dict order; checks that they match the model."""
+@dataclass
+class SourceOrder:
+    """The source tensors as the model takes them: ``pairs`` (checkpoint key, model key) in the
+    model's state-dict order, and the model parameters fused from several checkpoint tensors."""
+
+    pairs: list[tuple[str, str]]
+    plan: KeyPlan
+
+    @property
+    def model_keys(self) -> dict[str, str]:
+        """Model key -> the checkpoint key it is read from (1:1 tensors)."""
+        return {m: k for k, m in self.pairs}
+
+
+def model_order(model: nn.Module, family: Family, source: Source) -> SourceOrder:
+    """The source tensors in the model's state-dict order, under the names the model gives them
+    (for transformers, its own renaming, fusing and ignore rules); checks that they match the model."""
     expected = model.state_dict(keep_vars=True)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {}) if family is TRANSFORMERS else set()
-    unexpected = [k for k in source.tensors if k not in expected]
-    if unexpected:
-        hint = (
-            "; transformers renames or fuses some architectures' weights on load (e.g. MoE experts), "
-            "which convert does not support yet"
-            if family is TRANSFORMERS
-            else ""
-        )
+    plan = plan_keys(model, source.tensors)
+    if plan.unexpected:
         raise CheckpointError(
-            f"checkpoint in {source.folder} holds {len(unexpected)} tensor(s) the model does not have, "
-            f"e.g. {unexpected[:3]}{hint}"
+            f"checkpoint in {source.folder} holds {len(plan.unexpected)} tensor(s) the model does not have, "
+            f"e.g. {plan.unexpected[:3]}"
         )
-    missing = [k for k in expected if k not in source.tensors and k not in tied]
+    by_model = {m: k for k, m in plan.renamed.items()}
+    provided = set(by_model) | set(plan.fused)
+    missing = [k for k in expected if k not in provided and k not in tied]
     if missing:
         raise CheckpointError(
             f"checkpoint in {source.folder} lacks {len(missing)} weight(s) the model needs, e.g. {missing[:3]}"
         )
-    for k, (_, _, shape) in source.tensors.items():
-        if list(expected[k].shape) != shape:
+    for m, k in by_model.items():
+        shape = source.tensors[k][2]
+        if list(expected[m].shape) != shape:
             raise CheckpointError(
                 f"checkpoint in {source.folder}: tensor {k!r} has shape {shape}, "
-                f"the model expects {list(expected[k].shape)}"
+                f"the model expects {list(expected[m].shape)}"
+            )
+    for m, fused in plan.fused.items():
+        shape = list(_fused_meta(model, source, m, plan).shape)
+        if list(expected[m].shape) != shape:
+            raise CheckpointError(
+                f"checkpoint in {source.folder}: {len(fused.sources)} tensor(s) fused into {m!r} give shape "
+                f"{shape}, the model expects {list(expected[m].shape)}"
             )
     # transformers does not save tied weights.
-    return [k for k in expected if k in source.tensors and k not in tied]
+    pairs = [(by_model[m], m) for m in expected if m in by_model and m not in tied]
+    return SourceOrder(pairs, plan)
 
 
-def output_dtype(model: nn.Module, source: Source, targets: set[str]) -> torch.dtype:
+def _fused_meta(model: nn.Module, source: Source, key: str, plan: KeyPlan) -> torch.Tensor:
+    """The fused parameter ``key`` as transformers' converter builds it, on the meta device."""
+    metas = {}
+    for k, _ in plan.fused[key].sources:
+        _, dtype, shape = source.tensors[k]
+        metas[k] = torch.empty(shape, dtype=NAME_TO_DTYPE[dtype], device="meta")
+    return realize(model, key, plan.fused[key], metas)
+
+
+def output_dtype(model: nn.Module, source: Source, order: SourceOrder, targets: set[str]) -> torch.dtype:
     """The dtype transformers records: its model's first floating parameter once loaded (the
     quantized weights are uint8 then)."""
+    ckpt_key = order.model_keys
     for name, _ in model.named_parameters():
-        entry = source.tensors.get(name)
+        key = ckpt_key.get(name)
+        if key is None and name in order.plan.fused:
+            key = order.plan.fused[name].sources[0][0]
+        entry = source.tensors.get(key) if key is not None else None
         if entry is not None and entry[1] in FLOATS and name.removesuffix(".weight") not in targets:
             return FLOATS[entry[1]]
     return torch.float32
 
 
-def parameter_count(model: nn.Module, source: Source, targets: set[str], config: BitsAndBytesConfig) -> int:
+def parameter_count(model: nn.Module, targets: set[str], config: BitsAndBytesConfig) -> int:
     """transformers' ``total_parameters`` of the quantized model: a packed 4-bit weight counts
     two values per stored byte."""
     total = 0
@@ -82,6 +131,65 @@ def parameter_count(model: nn.Module, source: Source, targets: set[str], config:
             n = bnb_layout.logical_parameters(bnb_layout.packed_bytes(n))
         total += n
     return total
+
+
+def saved_order(model: nn.Module, source: Source, order: SourceOrder, out: Output) -> None:
+    """Renames ``out`` (model names) to the names transformers' ``save_pretrained`` writes after
+    ``from_pretrained`` (its weight conversions reverted: fused experts split back into the
+    checkpoint's per-expert tensors, copied as they are) and puts it in that order."""
+    metas: dict[str, tuple[torch.dtype, list[int]]] = {
+        k: (NAME_TO_DTYPE[dtype], shape) for k, (dtype, shape) in out.specs.items()
+    }
+    for m in order.plan.fused:
+        t = _fused_meta(model, source, m, order.plan)
+        metas[m] = (t.dtype, list(t.shape))
+    layout = saved_layout(model, order.plan, metas)
+    fused_sources = {k for f in order.plan.fused.values() for k, _ in f.sources}
+    rename: dict[str, str] = {}
+    keys: list[str] = []
+    specs: dict[str, tuple[str, list[int]]] = {}
+    members: dict[int, list[tuple[str, int]]] = {}
+    for name, model_key, storage, nbytes in layout:
+        members.setdefault(storage, []).append((name, nbytes))
+        if model_key is None:
+            if name not in fused_sources:
+                raise CheckpointError(
+                    f"checkpoint in {source.folder}: transformers saves a fused parameter back as {name!r}, "
+                    "which the checkpoint does not hold"
+                )
+            file, dtype, shape = source.tensors[name]
+            specs[name] = (dtype, list(shape))
+            out.ops.append(("copy", file, name, name))
+        else:
+            rename[model_key] = name
+            specs[name] = out.specs[model_key]
+        keys.append(name)
+    # huggingface_hub's splitter: tensors sharing a storage are sized once, at the first one, and
+    # follow it into its shard.
+    for group in members.values():
+        if len(group) > 1:
+            for i, (member, nbytes) in enumerate(group):
+                out.storages[member] = f"storage:{group[0][0]}"
+                out.sizes[member] = nbytes if i == 0 else 0
+    out.keys = keys
+    out.specs = specs
+    out.ops = [_renamed(op, rename) for op in out.ops]
+    out.ordered = True
+
+
+def _renamed(op: tuple[Any, ...], rename: dict[str, str]) -> tuple[Any, ...]:
+    """An op with its output names (model names) replaced by the saved ones."""
+    kind = op[0]
+    r = rename.get
+    if kind == "copy":
+        return (*op[:3], r(op[3], op[3]))
+    if kind == "bytes":
+        return (op[0], op[1], r(op[2], op[2]))
+    if kind == "int8":
+        return (*op[:5], r(op[5], op[5]), r(op[6], op[6]))
+    # quant4: (kind, file, name, qt, bs, packed, absmax, nested)
+    nested = op[7] if op[7] is None else (op[7][0], r(op[7][1], op[7][1]))
+    return (*op[:5], r(op[5], op[5]), r(op[6], op[6]), nested)
 
 
 def natural_key(name: str) -> list[tuple[Any, ...]]:
@@ -98,44 +206,41 @@ def natural_key(name: str) -> list[tuple[Any, ...]]:
     return parts
 
 
-def plan_output(source: Source, order: list[str], targets: set[str], config: BitsAndBytesConfig) -> Output:
+def plan_output(source: Source, pairs: list[tuple[str, str]], targets: set[str], config: BitsAndBytesConfig) -> Output:
     """Every output tensor in state-dict order (a quantized Linear's weight, bias, then its
-    quantization state, as bitsandbytes' layers list them) and the op producing it."""
+    quantization state, as bitsandbytes' layers list them), under its model name, and the op
+    producing it (``pairs``: checkpoint key, model key)."""
     out = Output()
 
     def add(name: str, dtype: str, shape: list[int]) -> None:
         out.keys.append(name)
         out.specs[name] = (dtype, shape)
 
-    pending: dict[str, str] = {}  # module -> its weight key, until its bias (if any) is listed
-    for key in order:
+    models = {m for _, m in pairs}
+    pending: dict[str, tuple[str, str]] = {}  # module -> its weight (keys), until its bias (if any) is listed
+    for key, model_key in pairs:
         file, dtype, shape = source.tensors[key]
-        module, _, leaf = key.rpartition(".")
+        module, _, leaf = model_key.rpartition(".")
         if leaf == "weight" and module in targets:
             if dtype not in FLOATS or len(shape) != 2:
                 raise ValueError(f"{key!r} is {dtype} {shape}; only 2-D F32/BF16/F16 Linear weights can be quantized")
-            _add_weight(out, add, source, key, config)
+            add(model_key, *bnb_layout.weight_spec(shape[0], shape[1], config.bits))
             bias = f"{module}.bias"
-            if bias in source.tensors and bias in order and bias not in out.specs:
-                pending[module] = key
+            if bias in models and bias not in out.specs:
+                pending[module] = (key, model_key)
             else:
-                _add_state(out, add, source, key, config)
+                _add_state(out, add, source, key, model_key, config)
             continue
-        add(key, dtype, list(shape))
-        out.ops.append(("copy", file, key, key))
+        add(model_key, dtype, list(shape))
+        out.ops.append(("copy", file, key, model_key))
         if leaf == "bias" and module in pending:
-            _add_state(out, add, source, pending.pop(module), config)
+            _add_state(out, add, source, *pending.pop(module), config)
     return out
 
 
-def _add_weight(out: Output, add: Any, source: Source, key: str, config: BitsAndBytesConfig) -> None:
-    _file, _dtype, (rows, cols) = source.tensors[key]
-    add(key, *bnb_layout.weight_spec(rows, cols, config.bits))
-
-
-def _add_state(out: Output, add: Any, source: Source, key: str, config: BitsAndBytesConfig) -> None:
+def _add_state(out: Output, add: Any, source: Source, key: str, model_key: str, config: BitsAndBytesConfig) -> None:
     """The tensors a quantized weight keeps beside itself (``bnb_layout.state_specs``), and the
-    op producing them all."""
+    op producing them all (``key``: the source tensor, ``model_key``: its name in the model)."""
     file, dtype, (rows, cols) = source.tensors[key]
     qt, bs, offset = config.bnb_4bit_quant_type, bnb_layout.BLOCKSIZE, None
     if config.bits == 4 and config.bnb_4bit_use_double_quant:
@@ -143,14 +248,14 @@ def _add_state(out: Output, add: Any, source: Source, key: str, config: BitsAndB
         offset = absmax.mean().item() if absmax.numel() else float("nan")
     state = bnb_layout.quant_state_json(qt, torch_name(dtype), [rows, cols], offset) if config.bits == 4 else b""
     specs = bnb_layout.state_specs(
-        key, rows, cols, bits=config.bits, quant_type=qt, double=offset is not None, state_len=len(state)
+        model_key, rows, cols, bits=config.bits, quant_type=qt, double=offset is not None, state_len=len(state)
     )
     for spec in specs:
         add(*spec)
     # 8-bit: SCB, weight_format; 4-bit: absmax, quant_map[, nested_absmax, nested_quant_map], quant state.
     names = [name for name, _, _ in specs]
     if config.bits == 8:
-        out.ops.append(("int8", file, key, rows, cols, key, names[0]))
+        out.ops.append(("int8", file, key, rows, cols, model_key, names[0]))
         out.ops.append(("bytes", bnb_layout.WEIGHT_FORMAT, names[1]))
         return
     out.ops.append(("bytes", bytes(_core.code_4bit(qt)), names[1]))
@@ -159,4 +264,4 @@ def _add_state(out: Output, add: Any, source: Source, key: str, config: BitsAndB
         nested = (offset, names[2])
         out.ops.append(("bytes", bytes(_core.dynamic_map()), names[3]))
     out.ops.append(("bytes", state, names[-1]))
-    out.ops.append(("quant4", file, key, qt, bs, key, names[0], nested))
+    out.ops.append(("quant4", file, key, qt, bs, model_key, names[0], nested))

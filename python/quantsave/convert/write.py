@@ -39,9 +39,10 @@ def write_conversion(
 ) -> SaveResult:
     # transformers saves a from_pretrained model in natural key order (its weight conversions
     # reverted), diffusers in state-dict order.
-    keys = sorted(out.keys, key=natural_key) if family is TRANSFORMERS else out.keys
-    groups = quantizer.weight_groups(keys)
-    sizes = [_core.dtype_nbytes(*out.specs[k]) for k in keys]
+    # (saved_order puts a converted transformers model's keys in that order already.)
+    keys = sorted(out.keys, key=natural_key) if family is TRANSFORMERS and not out.ordered else out.keys
+    groups = {**quantizer.weight_groups(keys), **out.storages}
+    sizes = [out.sizes.get(k, _core.dtype_nbytes(*out.specs[k])) for k in keys]
     limit = parse_shard_size(max_shard_size, family.default_max_shard_size)
     plan = plan_checkpoint(keys, sizes, [groups.get(k) for k in keys], limit, family.weights_name)
     file_names = plan.file_names

@@ -40,7 +40,7 @@ from quantsave.checkpoint.tensors import byte_view, is_wrapper_subclass, tensor_
 from quantsave.checkpoint.writer import SaveResult
 from quantsave.errors import CheckpointError, json_object
 from quantsave.families import DIFFUSERS, PLAIN, family_of, is_pipeline, model_config_files
-from quantsave.load import _empty_weights, build_skeleton
+from quantsave.load import _empty_weights, build_skeleton, materialize_buffers
 
 __all__ = ["QUANTIZE_TYPES", "load_gguf", "save_gguf"]
 
@@ -396,6 +396,7 @@ def load_gguf(
     tie_weights = getattr(model, "tie_weights", None)
     if callable(tie_weights) and hasattr(model, "config"):
         tie_weights()
+    materialize_buffers(model, path)
     missing = [n for n, p in model.named_parameters() if p.is_meta and n not in tied]
     if missing:
         raise CheckpointError(f"GGUF file {path} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
