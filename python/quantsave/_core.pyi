@@ -130,10 +130,11 @@ _ConvertShard = tuple[str | PathLike[str], Sequence[tuple[str, str, Sequence[int
 class ConvertOp:
     """One tensor group a ``Conversion`` produces; built only by the static constructors.
     ``file`` indexes the conversion's sources, ``shard`` its shards; ``name`` is a source
-    tensor, the other names are tensors of that shard."""
+    tensor, the other names are tensors of that shard. ``cast`` (``"F32"``, ``"BF16"`` or
+    ``"F16"``) reads the source as that dtype, rounded as torch's ``.to(dtype)``."""
 
     @staticmethod
-    def copy(*, file: int, name: str, shard: int, target: str) -> ConvertOp: ...
+    def copy(*, file: int, name: str, shard: int, target: str, cast: str | None = None) -> ConvertOp: ...
     @staticmethod
     def bytes(*, data: builtins.bytes, shard: int, target: str) -> ConvertOp: ...
     @staticmethod
@@ -147,9 +148,12 @@ class ConvertOp:
         packed: str,
         absmax: str,
         nested: tuple[float, str] | None = None,
+        cast: str | None = None,
     ) -> ConvertOp: ...
     @staticmethod
-    def int8(*, file: int, name: str, rows: int, cols: int, shard: int, weight: str, scb: str) -> ConvertOp: ...
+    def int8(
+        *, file: int, name: str, rows: int, cols: int, shard: int, weight: str, scb: str, cast: str | None = None
+    ) -> ConvertOp: ...
     @property
     def kind(self) -> Literal["copy", "bytes", "quant4", "int8"]: ...
 
@@ -170,4 +174,6 @@ class Conversion:
     def progress(self) -> int: ...
 
 # chunk_elems defaults to 4194304 (1 << 22); the runtime signature shows the default as ``...``.
-def absmax_4bit(path: str | PathLike[str], name: str, blocksize: int = 64, chunk_elems: int = ...) -> bytes: ...
+def absmax_4bit(
+    path: str | PathLike[str], name: str, blocksize: int = 64, chunk_elems: int = ..., cast: str | None = None
+) -> bytes: ...

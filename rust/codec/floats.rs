@@ -1,5 +1,8 @@
 //! The float element views the codecs read ([`Floats`]) and write ([`FloatsMut`]): f32, bf16
-//! and f16 slices, and their conversions to and from f32. No quantization logic.
+//! and f16 slices, their conversions to and from f32, and casts between the three as torch's
+//! `.to(dtype)` rounds ([`FloatBuf::cast`]). No quantization logic.
+
+use crate::dtype::Dtype;
 
 /// Input elements of a floating type.
 #[derive(Debug, Clone, Copy)]
@@ -21,6 +24,14 @@ impl Floats<'_> {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The elements' little-endian bytes (as safetensors stores them).
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Floats::F32(v) => bytemuck::cast_slice(v),
+            Floats::Bf16(v) | Floats::F16(v) => bytemuck::cast_slice(v),
+        }
     }
 
     /// Copies elements `start..start + out.len()` into `out` as f32.
@@ -49,6 +60,47 @@ pub enum FloatsMut<'a> {
     F32(&'a mut [f32]),
     Bf16(&'a mut [u16]),
     F16(&'a mut [u16]),
+}
+
+/// Owned float elements: what a cast produces.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FloatBuf {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+    F16(Vec<u16>),
+}
+
+impl FloatBuf {
+    /// `x` as `to` (F32, BF16 or F16; anything else is None), rounded as torch's `.to(dtype)`:
+    /// through f32 (exact for bf16 and f16), then to the nearest even value of the target; NaN
+    /// stays NaN and infinities stay infinite.
+    pub fn cast(x: Floats<'_>, to: Dtype) -> Option<FloatBuf> {
+        let mut wide = vec![0f32; x.len()];
+        x.load(0, &mut wide);
+        Some(match to {
+            Dtype::F32 => FloatBuf::F32(wide),
+            Dtype::BF16 => FloatBuf::Bf16(
+                wide.iter()
+                    .map(|&v| if v.is_nan() { 0x7fc0 } else { bf16_bits(v) })
+                    .collect(),
+            ),
+            Dtype::F16 => FloatBuf::F16(
+                wide.iter()
+                    .map(|&v| half::f16::from_f32(v).to_bits())
+                    .collect(),
+            ),
+            _ => return None,
+        })
+    }
+
+    /// The elements as a [`Floats`] view.
+    pub fn view(&self) -> Floats<'_> {
+        match self {
+            FloatBuf::F32(v) => Floats::F32(v),
+            FloatBuf::Bf16(v) => Floats::Bf16(v),
+            FloatBuf::F16(v) => Floats::F16(v),
+        }
+    }
 }
 
 /// bfloat16 bits of a finite f32, rounded to nearest even (as torch's `.to(torch.bfloat16)`).

@@ -6,7 +6,7 @@
 //! The module map (every item is re-exported here, so paths stay `quantsave::codec::X`):
 //! - `tables`: the nf4/fp4 code tables ([`QuantType`]), the dynamic map and its thresholds;
 //! - `layout`: how codes share bytes ([`Nibble4Layout`]) and the block geometry;
-//! - `floats`: the float element views in ([`Floats`]) and out ([`FloatsMut`]);
+//! - `floats`: the float element views in ([`Floats`]) and out ([`FloatsMut`]), and casts ([`FloatBuf`]);
 //! - `quant4`: 4-bit quantization, the portable path and the dispatch to `avx2`;
 //! - `avx2`: the AVX2/F16C kernels (x86_64 only, behind runtime detection);
 //! - `dequant4`: 4-bit dequantization;
@@ -25,7 +25,7 @@ mod tables;
 
 pub use dequant4::dequantize_4bit;
 pub use dynamic::{dequantize_dynamic, quantize_dynamic};
-pub use floats::{Floats, FloatsMut};
+pub use floats::{FloatBuf, Floats, FloatsMut};
 pub use int8::{dequantize_int8_rows, quantize_int8_rows};
 pub use layout::{num_blocks, packed_len, Nibble4Layout};
 pub use quant4::{quantize_4bit, quantize_4bit_portable};

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Chunk {
     pub(super) op: usize,
-    /// First element (4-bit), row (int8) or byte (copy).
+    /// First element (4-bit, cast copy), row (int8) or byte (copy).
     pub(super) start: u64,
     pub(super) len: u64,
 }
@@ -82,7 +82,11 @@ fn plan_op<'a>(
         Op::Copy { src, out } => {
             let r = resolve(src)?;
             let o = target(out)?;
-            expect(o, out, r.info.end - r.info.start)?;
+            let size = match r.cast {
+                None => r.info.end - r.info.start,
+                Some(to) => r.numel() * to.byte_size(1).unwrap_or(1),
+            };
+            expect(o, out, size)?;
             Ok(Planned {
                 op,
                 src: Some(r),
@@ -186,7 +190,10 @@ fn push_chunks(k: usize, p: &Planned<'_>, chunk_elems: usize, out: &mut Vec<Chun
         Op::Bytes { .. } => cut(0, 1),
         Op::Copy { .. } => {
             let r = p.src.as_ref().expect("copy has a source");
-            cut(r.info.end - r.info.start, (chunk_elems as u64) * 2)
+            match r.cast {
+                None => cut(r.info.end - r.info.start, (chunk_elems as u64) * 2),
+                Some(_) => cut(r.numel(), chunk_elems as u64),
+            }
         }
         Op::Quant4 { blocksize, .. } => {
             let r = p.src.as_ref().expect("quant has a source");
@@ -202,7 +209,10 @@ fn push_chunks(k: usize, p: &Planned<'_>, chunk_elems: usize, out: &mut Vec<Chun
 pub(super) fn chunk_source_bytes(p: &Planned<'_>, c: &Chunk) -> u64 {
     match p.op {
         Op::Bytes { .. } => 0,
-        Op::Copy { .. } => c.len,
+        Op::Copy { .. } => match p.src.as_ref() {
+            Some(r) if r.cast.is_some() => c.len * r.elem_size(),
+            _ => c.len,
+        },
         Op::Quant4 { .. } => c.len * p.src.as_ref().map_or(0, Resolved::elem_size),
         Op::Int8 { cols, .. } => {
             c.len * *cols as u64 * p.src.as_ref().map_or(0, Resolved::elem_size)

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::plan::{chunk_len, chunk_source_bytes, plan_ops, Chunk, Planned};
 use super::source::{aligned, check_float, with_floats, Resolved};
 use super::spec::{ConvertSpec, Op, Source, Target, NESTED_BLOCKSIZE};
-use crate::codec::{self, Floats, Nibble4Layout, QuantType};
+use crate::codec::{self, FloatBuf, Nibble4Layout, QuantType};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::safetensors::{map_file, MappedFile, StreamWriter, TensorInfo};
@@ -44,7 +44,7 @@ pub fn run(spec: &ConvertSpec, progress: &AtomicU64) -> Result<Vec<u64>> {
         let info = infos[s.file].get(s.name.as_str()).ok_or_else(|| {
             Error::invalid(format!("{}: no tensor {:?}", map.path.display(), s.name))
         })?;
-        Ok(Resolved { map, info })
+        Resolved::new(map, info, s.cast)
     };
 
     let writers: Vec<StreamWriter> = spec
@@ -78,8 +78,19 @@ fn run_chunk(p: &Planned<'_>, c: &Chunk, writers: &[StreamWriter]) -> Result<()>
         Op::Bytes { data, .. } => write(p.outs[0], 0, data),
         Op::Copy { .. } => {
             let r = p.src.as_ref().expect("copy has a source");
-            write(p.outs[0], c.start, r.bytes(c.start, c.len))?;
-            r.release(c.start, c.len);
+            match r.cast {
+                // Bytes as stored: the chunk is a byte range.
+                None => {
+                    write(p.outs[0], c.start, r.bytes(c.start, c.len))?;
+                    r.release(c.start, c.len);
+                }
+                // Cast: the chunk is an element range.
+                Some(to) => {
+                    let at = c.start * to.byte_size(1).unwrap_or(1);
+                    with_floats(r, c.start, c.len, |x| write(p.outs[0], at, x.as_bytes()))?;
+                    r.release(c.start * r.elem_size(), c.len * r.elem_size());
+                }
+            }
             Ok(())
         }
         Op::Quant4 {
@@ -129,14 +140,13 @@ fn run_chunk(p: &Planned<'_>, c: &Chunk, writers: &[StreamWriter]) -> Result<()>
             }
             let first = (row0 * cols) as u64;
             let count = (rows * cols) as u64;
-            let half: Vec<u16> = if r.info.dtype == Dtype::F16 {
+            let half: Vec<u16> = if r.info.dtype == Dtype::F16 && r.cast.is_none() {
                 aligned::<u16>(r.bytes(first * 2, count * 2)).into_owned()
             } else {
-                let mut buf = vec![0f32; rows * cols];
-                with_floats(r, first, count, |x| load_f32(x, &mut buf));
-                buf.iter()
-                    .map(|&v| half::f16::from_f32(v).to_bits())
-                    .collect()
+                match with_floats(r, first, count, |x| FloatBuf::cast(x, Dtype::F16)) {
+                    Some(FloatBuf::F16(v)) => v,
+                    _ => unreachable!("a cast to F16 gives F16"),
+                }
             };
             r.release(first * r.elem_size(), count * r.elem_size());
             let mut q = vec![0i8; rows * cols];
@@ -149,30 +159,15 @@ fn run_chunk(p: &Planned<'_>, c: &Chunk, writers: &[StreamWriter]) -> Result<()>
     }
 }
 
-/// Copies all of `x` into `out` as f32.
-fn load_f32(x: Floats<'_>, out: &mut [f32]) {
-    match x {
-        Floats::F32(v) => out.copy_from_slice(v),
-        Floats::Bf16(v) => {
-            for (o, &b) in out.iter_mut().zip(v) {
-                *o = f32::from_bits((b as u32) << 16);
-            }
-        }
-        Floats::F16(v) => {
-            for (o, &b) in out.iter_mut().zip(v) {
-                *o = half::f16::from_bits(b).to_f32();
-            }
-        }
-    }
-}
-
-/// The absmax of every 4-bit block of a source tensor, as the codec computes it (the caller
-/// takes their mean as the double-quant offset, exactly as bitsandbytes does with torch).
+/// The absmax of every 4-bit block of a source tensor (read as `cast`, see
+/// [`Source::cast`]), as the codec computes it (the caller takes their mean as the double-quant
+/// offset, exactly as bitsandbytes does with torch).
 pub fn absmax_4bit(
     path: &std::path::Path,
     name: &str,
     blocksize: usize,
     chunk_elems: usize,
+    cast: Option<Dtype>,
 ) -> Result<Vec<f32>> {
     let map = map_file(path)?;
     let info = map
@@ -181,7 +176,7 @@ pub fn absmax_4bit(
         .iter()
         .find(|t| t.name == name)
         .ok_or_else(|| Error::invalid(format!("{}: no tensor {name:?}", path.display())))?;
-    let src = Resolved { map: &map, info };
+    let src = Resolved::new(&map, info, cast)?;
     check_float(&src)?;
     let n = src.numel() as usize;
     let chunk = chunk_len(chunk_elems, blocksize);

@@ -2,7 +2,7 @@
 //! [`Floats`], and the release of processed pages. Reads only; must not depend on the output
 //! side (writers, plans).
 
-use crate::codec::Floats;
+use crate::codec::{FloatBuf, Floats};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::safetensors::{MappedFile, TensorInfo};
@@ -11,9 +11,32 @@ use crate::safetensors::{MappedFile, TensorInfo};
 pub(super) struct Resolved<'a> {
     pub(super) map: &'a MappedFile,
     pub(super) info: &'a TensorInfo,
+    /// The float dtype its elements are read as, when it differs from the stored one.
+    pub(super) cast: Option<Dtype>,
 }
 
 impl Resolved<'_> {
+    /// `map`'s tensor `info` read as `cast` (None when that is its own dtype). Errors unless
+    /// both are float dtypes.
+    pub(super) fn new<'a>(
+        map: &'a MappedFile,
+        info: &'a TensorInfo,
+        cast: Option<Dtype>,
+    ) -> Result<Resolved<'a>> {
+        let cast = cast.filter(|&d| d != info.dtype);
+        let r = Resolved { map, info, cast };
+        if let Some(d) = cast {
+            check_float(&r)?;
+            if !matches!(d, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
+                return Err(Error::invalid(format!(
+                    "tensor {:?}: cannot be read as {d}; only F32, BF16 and F16 casts exist",
+                    info.name
+                )));
+            }
+        }
+        Ok(r)
+    }
+
     pub(super) fn bytes(&self, start: u64, len: u64) -> &[u8] {
         let s = (self.info.start + start) as usize;
         &self.map.map[s..s + len as usize]
@@ -62,8 +85,26 @@ fn floats<'a>(dtype: Dtype, f32s: &'a [f32], u16s: &'a [u16]) -> Floats<'a> {
     }
 }
 
-/// Reads the elements `start..start + len` of a float source as [`Floats`] and calls `f`.
+/// Reads the elements `start..start + len` of a float source as [`Floats`] (cast first when
+/// the source is read as another dtype) and calls `f`.
 pub(super) fn with_floats<T>(
+    src: &Resolved<'_>,
+    start: u64,
+    len: u64,
+    f: impl FnOnce(Floats<'_>) -> T,
+) -> T {
+    match src.cast {
+        None => with_stored_floats(src, start, len, f),
+        Some(to) => {
+            let buf = with_stored_floats(src, start, len, |x| FloatBuf::cast(x, to))
+                .expect("Resolved::new admits float casts only");
+            f(buf.view())
+        }
+    }
+}
+
+/// The elements `start..start + len` as stored, as [`Floats`], passed to `f`.
+fn with_stored_floats<T>(
     src: &Resolved<'_>,
     start: u64,
     len: u64,

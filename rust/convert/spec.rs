@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::codec::QuantType;
+use crate::dtype::Dtype;
 use crate::safetensors::TensorSpec;
 
 /// Nested blocksize of double quantization (bitsandbytes' fixed 256).
@@ -16,6 +17,9 @@ pub const NESTED_BLOCKSIZE: usize = 256;
 pub struct Source {
     pub file: usize,
     pub name: String,
+    /// Read as this float dtype (F32, BF16 or F16), rounded as torch's `.to(dtype)`, as the
+    /// references cast a tensor on load; None (or the source's own dtype) reads it as stored.
+    pub cast: Option<Dtype>,
 }
 
 /// An output tensor: index into [`ConvertSpec::shards`] and its name there.
@@ -40,7 +44,7 @@ pub struct Nested {
 /// How one output tensor group is produced.
 #[derive(Debug, Clone)]
 pub enum Op {
-    /// The source bytes unchanged.
+    /// The source bytes unchanged, or its elements cast (see [`Source::cast`]).
     Copy { src: Source, out: Target },
     /// Fixed bytes (code tables, quant-state JSON).
     Bytes { data: Vec<u8>, out: Target },

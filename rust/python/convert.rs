@@ -10,7 +10,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use super::errors::run_detached;
-use super::safetensors::tensor_specs;
+use super::safetensors::{parse_dtype, tensor_specs};
 use crate::convert::{self, ConvertSpec, Nested, Op, ShardOut, Source, Target};
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -32,17 +32,23 @@ struct ConvertOp {
 impl ConvertOp {
     /// Source tensor `name` of file `file`, copied unchanged into tensor `target`.
     #[staticmethod]
-    #[pyo3(signature = (*, file, name, shard, target))]
-    fn copy(file: usize, name: String, shard: usize, target: String) -> Self {
-        ConvertOp {
+    #[pyo3(signature = (*, file, name, shard, target, cast=None))]
+    fn copy(
+        file: usize,
+        name: String,
+        shard: usize,
+        target: String,
+        cast: Option<&str>,
+    ) -> PyResult<Self> {
+        Ok(ConvertOp {
             op: Op::Copy {
-                src: Source { file, name },
+                src: source(file, name, cast)?,
                 out: Target {
                     shard,
                     name: target,
                 },
             },
-        }
+        })
     }
 
     /// Fixed bytes (a code table, a quant-state JSON) as tensor `target`.
@@ -65,7 +71,7 @@ impl ConvertOp {
     /// `(offset, nested_absmax)` for double quantization (`absmax` then holds uint8 codes and
     /// `nested_absmax` the float32 absmax of the nested blocks). All targets are in `shard`.
     #[staticmethod]
-    #[pyo3(signature = (*, file, name, quant_type, blocksize, shard, packed, absmax, nested=None))]
+    #[pyo3(signature = (*, file, name, quant_type, blocksize, shard, packed, absmax, nested=None, cast=None))]
     #[allow(clippy::too_many_arguments)]
     fn quant4(
         file: usize,
@@ -76,11 +82,12 @@ impl ConvertOp {
         packed: String,
         absmax: String,
         nested: Option<(f32, String)>,
+        cast: Option<&str>,
     ) -> PyResult<Self> {
         let tgt = |name: String| Target { shard, name };
         Ok(ConvertOp {
             op: Op::Quant4 {
-                src: Source { file, name },
+                src: source(file, name, cast)?,
                 quant_type: quant_type.parse()?,
                 blocksize,
                 packed: tgt(packed),
@@ -96,7 +103,7 @@ impl ConvertOp {
     /// LLM.int8() of source tensor `name` of file `file`, a `rows` x `cols` matrix: int8 into
     /// tensor `weight`, float32 row absmax into tensor `scb`, both in `shard`.
     #[staticmethod]
-    #[pyo3(signature = (*, file, name, rows, cols, shard, weight, scb))]
+    #[pyo3(signature = (*, file, name, rows, cols, shard, weight, scb, cast=None))]
     #[allow(clippy::too_many_arguments)]
     fn int8(
         file: usize,
@@ -106,17 +113,18 @@ impl ConvertOp {
         shard: usize,
         weight: String,
         scb: String,
-    ) -> Self {
+        cast: Option<&str>,
+    ) -> PyResult<Self> {
         let tgt = |name: String| Target { shard, name };
-        ConvertOp {
+        Ok(ConvertOp {
             op: Op::Int8 {
-                src: Source { file, name },
+                src: source(file, name, cast)?,
                 rows,
                 cols,
                 weight: tgt(weight),
                 scb: tgt(scb),
             },
-        }
+        })
     }
 
     /// Which constructor made it: "copy", "bytes", "quant4" or "int8".
@@ -133,8 +141,12 @@ impl ConvertOp {
     fn __repr__(&self) -> String {
         match &self.op {
             Op::Copy { src, out } => format!(
-                "ConvertOp.copy(file={}, name={:?}, shard={}, target={:?})",
-                src.file, src.name, out.shard, out.name
+                "ConvertOp.copy(file={}, name={:?}, shard={}, target={:?}, cast={})",
+                src.file,
+                src.name,
+                out.shard,
+                out.name,
+                cast_repr(src)
             ),
             Op::Bytes { data, out } => format!(
                 "ConvertOp.bytes(data=<{} bytes>, shard={}, target={:?})",
@@ -151,7 +163,7 @@ impl ConvertOp {
                 nested,
             } => format!(
                 "ConvertOp.quant4(file={}, name={:?}, quant_type={:?}, blocksize={blocksize}, \
-                 shard={}, packed={:?}, absmax={:?}, nested={})",
+                 shard={}, packed={:?}, absmax={:?}, nested={}, cast={})",
                 src.file,
                 src.name,
                 quant_type.name(),
@@ -161,7 +173,8 @@ impl ConvertOp {
                 match nested {
                     None => "None".to_string(),
                     Some(n) => format!("({:?}, {:?})", n.offset, n.nested_absmax.name),
-                }
+                },
+                cast_repr(src)
             ),
             Op::Int8 {
                 src,
@@ -171,8 +184,13 @@ impl ConvertOp {
                 scb,
             } => format!(
                 "ConvertOp.int8(file={}, name={:?}, rows={rows}, cols={cols}, shard={}, \
-                 weight={:?}, scb={:?})",
-                src.file, src.name, weight.shard, weight.name, scb.name
+                 weight={:?}, scb={:?}, cast={})",
+                src.file,
+                src.name,
+                weight.shard,
+                weight.name,
+                scb.name,
+                cast_repr(src)
             ),
         }
     }
@@ -182,6 +200,17 @@ impl ConvertOp {
 /// chunk_elems, fsync)` with shards as `(path, [(name, dtype, shape)], metadata)` and ops a
 /// list of `ConvertOp`. `run()` works without the GIL; `progress()` (source bytes done) can be
 /// polled meanwhile from another thread.
+/// A source tensor, read as the dtype named `cast` (a safetensors name) when given.
+fn source(file: usize, name: String, cast: Option<&str>) -> PyResult<Source> {
+    let cast = cast.map(parse_dtype).transpose()?;
+    Ok(Source { file, name, cast })
+}
+
+fn cast_repr(src: &Source) -> String {
+    src.cast
+        .map_or("None".to_string(), |d| format!("{:?}", d.to_string()))
+}
+
 #[pyclass(module = "quantsave._core", frozen)]
 struct Conversion {
     spec: ConvertSpec,
@@ -245,18 +274,21 @@ impl Conversion {
     }
 }
 
-/// The absmax of every 4-bit block of tensor `name` in `path` (float32 bytes).
+/// The absmax of every 4-bit block of tensor `name` in `path` (float32 bytes), read as the
+/// dtype `cast` names (see `ConvertOp.copy`).
 #[pyfunction]
-#[pyo3(signature = (path, name, blocksize=64, chunk_elems=1 << 22))]
+#[pyo3(signature = (path, name, blocksize=64, chunk_elems=1 << 22, cast=None))]
 fn absmax_4bit(
     py: Python<'_>,
     path: PathBuf,
     name: String,
     blocksize: usize,
     chunk_elems: usize,
+    cast: Option<&str>,
 ) -> PyResult<Vec<u8>> {
+    let cast = cast.map(parse_dtype).transpose()?;
     let v = run_detached(py, || {
-        convert::absmax_4bit(&path, &name, blocksize, chunk_elems)
+        convert::absmax_4bit(&path, &name, blocksize, chunk_elems, cast)
     })?;
     Ok(bytemuck::cast_slice(&v).to_vec())
 }

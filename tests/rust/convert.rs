@@ -98,6 +98,7 @@ fn s(name: &str) -> Source {
     Source {
         file: 0,
         name: name.to_string(),
+        cast: None,
     }
 }
 
@@ -340,11 +341,11 @@ fn absmax_pass_matches_the_quantizer() {
     .unwrap();
     for chunk in [1, 20_000, 1 << 22] {
         assert_eq!(
-            quantsave::convert::absmax_4bit(&sc.src, "a.weight", 64, chunk).unwrap(),
+            quantsave::convert::absmax_4bit(&sc.src, "a.weight", 64, chunk, None).unwrap(),
             a
         );
     }
-    assert!(quantsave::convert::absmax_4bit(&sc.src, "nope", 64, 1).is_err());
+    assert!(quantsave::convert::absmax_4bit(&sc.src, "nope", 64, 1, None).is_err());
 }
 
 #[test]
@@ -559,4 +560,143 @@ fn bad_inputs_fail_without_committing() {
     let err = convert(&sc.dir, &bad, tensors, ops, 64).unwrap_err();
     assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
     assert!(leftovers(&sc.dir).is_empty());
+}
+
+fn cast(name: &str, to: Dtype) -> Source {
+    Source {
+        cast: Some(to),
+        ..s(name)
+    }
+}
+
+#[test]
+fn casts_round_as_torch_and_feed_the_quantizers() {
+    let sc = scene();
+    // c.weight is f32: to bf16 and f16 as torch rounds (nearest even); a.weight (bf16) to f32.
+    let n3 = (W3.0 * W3.1) as usize;
+    let w3b: Vec<u16> = sc
+        .w3
+        .iter()
+        .map(|x| half::bf16::from_f32(*x).to_bits())
+        .collect();
+    let w3h: Vec<u16> = sc
+        .w3
+        .iter()
+        .map(|x| half::f16::from_f32(*x).to_bits())
+        .collect();
+    let w1f: Vec<f32> = sc
+        .w1
+        .iter()
+        .map(|x| half::bf16::from_f32(*x).to_f32())
+        .collect();
+    let r4 = reference_q4(Floats::Bf16(&w3b), QuantType::Nf4, None);
+    let mut q8 = vec![0i8; n3];
+    let mut scb = vec![0f32; W3.0 as usize];
+    // int8 through bf16 first, then f16 (as bitsandbytes does with a bf16 weight).
+    let w3bh: Vec<u16> = w3b
+        .iter()
+        .map(|b| half::f16::from_f32(half::bf16::from_bits(*b).to_f32()).to_bits())
+        .collect();
+    codec::quantize_int8_rows(&w3bh, W3.0 as usize, W3.1 as usize, &mut q8, &mut scb).unwrap();
+    for chunk in [1, 100, 1 << 22] {
+        let tensors = vec![
+            spec("c.bf16", Dtype::BF16, &[W3.0, W3.1]),
+            spec("c.f16", Dtype::F16, &[W3.0, W3.1]),
+            spec("a.f32", Dtype::F32, &[W1.0, W1.1]),
+            spec("c.weight", Dtype::U8, &[packed_len(n3) as u64, 1]),
+            spec("c.weight.absmax", Dtype::F32, &[num_blocks(n3, 64) as u64]),
+            spec("c8.weight", Dtype::I8, &[W3.0, W3.1]),
+            spec("c8.SCB", Dtype::F32, &[W3.0]),
+        ];
+        let ops = vec![
+            Op::Copy {
+                src: cast("c.weight", Dtype::BF16),
+                out: t("c.bf16"),
+            },
+            Op::Copy {
+                src: cast("c.weight", Dtype::F16),
+                out: t("c.f16"),
+            },
+            Op::Copy {
+                src: cast("a.weight", Dtype::F32),
+                out: t("a.f32"),
+            },
+            Op::Quant4 {
+                src: cast("c.weight", Dtype::BF16),
+                quant_type: QuantType::Nf4,
+                blocksize: 64,
+                packed: t("c.weight"),
+                absmax: t("c.weight.absmax"),
+                nested: None,
+            },
+            Op::Int8 {
+                src: cast("c.weight", Dtype::BF16),
+                rows: W3.0 as usize,
+                cols: W3.1 as usize,
+                weight: t("c8.weight"),
+                scb: t("c8.SCB"),
+            },
+        ];
+        let out = convert(&sc.dir, &sc.src, tensors, ops, chunk).unwrap();
+        let got = read_all(&out);
+        assert_eq!(
+            got["c.bf16"],
+            bytemuck::cast_slice::<u16, u8>(&w3b),
+            "chunk {chunk}"
+        );
+        assert_eq!(
+            got["c.f16"],
+            bytemuck::cast_slice::<u16, u8>(&w3h),
+            "chunk {chunk}"
+        );
+        assert_eq!(got["a.f32"], f32_bytes(&w1f), "chunk {chunk}");
+        assert_eq!(got["c.weight"], r4.0, "chunk {chunk}");
+        assert_eq!(got["c.weight.absmax"], r4.1, "chunk {chunk}");
+        assert_eq!(
+            got["c8.weight"],
+            bytemuck::cast_slice::<i8, u8>(&q8),
+            "chunk {chunk}"
+        );
+        assert_eq!(got["c8.SCB"], f32_bytes(&scb), "chunk {chunk}");
+        fs::remove_file(out).unwrap();
+    }
+    // The absmax pass reads the cast too.
+    let a =
+        quantsave::convert::absmax_4bit(&sc.src, "c.weight", 64, 100, Some(Dtype::BF16)).unwrap();
+    assert_eq!(f32_bytes(&a), r4.1);
+    // Only float casts of float tensors.
+    let tensors = vec![spec("x", Dtype::I8, &[W3.0, W3.1])];
+    let ops = vec![Op::Copy {
+        src: cast("c.weight", Dtype::I8),
+        out: t("x"),
+    }];
+    let err = convert(&sc.dir, &sc.src, tensors, ops, 100).unwrap_err();
+    assert!(
+        err.to_string().contains("only F32, BF16 and F16 casts"),
+        "{err}"
+    );
+    assert!(leftovers(&sc.dir).is_empty());
+}
+
+#[test]
+fn float_casts_keep_nan_and_infinities() {
+    let x = [
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        -0.0,
+        1.0 + f32::EPSILON,
+    ];
+    let b = codec::FloatBuf::cast(Floats::F32(&x), Dtype::BF16).unwrap();
+    let codec::FloatBuf::Bf16(v) = b else {
+        panic!("bf16")
+    };
+    assert_eq!(v, vec![0x7fc0, 0x7f80, 0xff80, 0x8000, 0x3f80]);
+    let h = codec::FloatBuf::cast(Floats::Bf16(&v), Dtype::F16).unwrap();
+    let codec::FloatBuf::F16(w) = h else {
+        panic!("f16")
+    };
+    assert!(half::f16::from_bits(w[0]).is_nan());
+    assert_eq!(&w[1..], &[0x7c00, 0xfc00, 0x8000, 0x3c00]);
+    assert!(codec::FloatBuf::cast(Floats::F32(&x), Dtype::I8).is_none());
 }
