@@ -64,6 +64,7 @@ examples:
   quantsave convert ./llama-bf16 ./llama-nf4 --quant nf4
   quantsave convert ./llama-bf16 ./llama-nf4-dq --quant nf4 --double-quant --max-shard-size 2GB
   quantsave convert ./sd3-transformer ./sd3-int8 --quant int8 --skip proj_out
+  quantsave convert ./flux-transformer ./flux-nf4 --quant nf4 --dtype bfloat16
   quantsave convert ./sd3-pipeline ./sd3-nf4 --quant nf4 --components transformer text_encoder_3
 """
 
@@ -181,14 +182,18 @@ def _convert(args: argparse.Namespace) -> int:
             load_in_4bit=True,
             bnb_4bit_quant_type=args.quant,
             bnb_4bit_use_double_quant=args.double_quant,
+            bnb_4bit_compute_dtype=args.compute_dtype,
             llm_int8_skip_modules=args.skip,
         )
+    if args.quant == "int8" and args.compute_dtype is not None:
+        raise ValueError("--compute-dtype applies to nf4 and fp4 (bnb_4bit_compute_dtype), not int8")
     result = convert(
         args.src,
         args.dst,
         config,
         components=args.components,
         max_shard_size=args.max_shard_size,
+        torch_dtype=args.dtype,
         progress=False if args.quiet else None,
     )
     if not args.quiet:
@@ -229,6 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conv.add_argument("--max-shard-size", help="shard size, e.g. 5GB (default: the model family's)")
     conv.add_argument("--skip", nargs="+", metavar="MODULE", help="Linear modules to keep in float")
+    dtypes = ["float32", "bfloat16", "float16"]
+    conv.add_argument(
+        "--dtype",
+        choices=[*dtypes, "auto"],
+        help="dtype of the tensors left unquantized (torch_dtype); default as the reference: "
+             "transformers 'auto' (the config's dtype), diffusers float16",
+    )
+    conv.add_argument(
+        "--compute-dtype",
+        choices=dtypes,
+        help="nf4/fp4: the dtype the 4-bit layers compute in (bnb_4bit_compute_dtype; default float32)",
+    )
     conv.add_argument(
         "--components",
         nargs="+",

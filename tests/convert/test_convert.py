@@ -92,7 +92,7 @@ def test_diffusers_convert(sd3_dir, sd3_inputs, diffusers_bnb_on_cpu, tmp_path) 
         sd3_dir, quantization_config=diffusers.BitsAndBytesConfig(**qc), device_map="cpu", torch_dtype=torch.float32
     )
     ref.save_pretrained(tmp_path / "hf")
-    qs.convert(sd3_dir, tmp_path / "qs", diffusers.BitsAndBytesConfig(**qc))
+    qs.convert(sd3_dir, tmp_path / "qs", diffusers.BitsAndBytesConfig(**qc), torch_dtype=torch.float32)
     assert files_equal(tmp_path / "qs", tmp_path / "hf") == []
 
 

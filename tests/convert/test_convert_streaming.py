@@ -59,7 +59,7 @@ def outputs(pipe) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyp
 
 
 def test_pipeline_folder_converts_named_components(pipe_dir, diffusers_bnb_on_cpu, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    result = qs.convert(pipe_dir, tmp_path / "qs", qs.BitsAndBytesConfig(**NF4))
+    result = qs.convert(pipe_dir, tmp_path / "qs", qs.BitsAndBytesConfig(**NF4), torch_dtype=torch.float32)
     assert result.num_shards == 2  # unet and text_encoder, the components with weights
     ref = TinyPipeline.from_pretrained(
         pipe_dir,
@@ -67,7 +67,7 @@ def test_pipeline_folder_converts_named_components(pipe_dir, diffusers_bnb_on_cp
             quant_backend="bitsandbytes_4bit", quant_kwargs=NF4, components_to_quantize=["unet", "text_encoder"]
         ),
         device_map="cpu",
-        torch_dtype=torch.float32,  # diffusers' bnb path would pick float16; convert keeps the source dtype
+        torch_dtype=torch.float32,  # both default to float16, diffusers' bitsandbytes choice
     )
     ref.save_pretrained(tmp_path / "hf")
     for component in ("unet", "text_encoder"):
@@ -110,7 +110,8 @@ def test_pipeline_convert_takes_the_mappings_save_quantized_takes(pipe_dir, tmp_
 
 
 def test_pipeline_component_mapping(pipe_dir, diffusers_bnb_on_cpu, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    qs.convert(pipe_dir, tmp_path / "qs", None, components={"unet": diffusers.BitsAndBytesConfig(load_in_8bit=True)})
+    unet = {"unet": diffusers.BitsAndBytesConfig(load_in_8bit=True)}
+    qs.convert(pipe_dir, tmp_path / "qs", None, components=unet, torch_dtype=torch.float32)
     assert json.loads((tmp_path / "qs" / "unet" / "config.json").read_text())["quantization_config"]["load_in_8bit"]
     assert files_equal(tmp_path / "qs" / "text_encoder", pipe_dir / "text_encoder") == []
     ref = diffusers.UNet2DModel.from_pretrained(

@@ -14,7 +14,16 @@ from quantsave.backends.bitsandbytes.config import BitsAndBytesConfig
 from quantsave.backends.bitsandbytes.quantizer import BitsAndBytesQuantizer
 from quantsave.backends.config import resolve_config
 from quantsave.checkpoint.writer import SaveResult
-from quantsave.convert.output import Output, model_order, output_dtype, parameter_count, plan_output, saved_order
+from quantsave.convert.dtypes import tensor_dtypes
+from quantsave.convert.output import (
+    Output,
+    model_order,
+    output_dtype,
+    parameter_count,
+    plan_output,
+    saved_order,
+    stored_dtypes,
+)
 from quantsave.convert.source import Source, read_source, static_config_files, static_targets
 from quantsave.convert.write import write_conversion
 from quantsave.errors import CheckpointError
@@ -48,7 +57,10 @@ def convert_model(
     max_shard_size: int | str | None,
     progress: bool | None,
     checksums: bool = False,
+    torch_dtype: torch.dtype | None = None,
 ) -> SaveResult:
+    """Converts one model folder (``torch_dtype``: as ``convert``'s, resolved; None is the
+    reference's default, see ``convert.dtypes``)."""
     t0 = time.perf_counter()
     source = read_source(path)
     if source.config is not None and source.config.get("quantization_config") is not None:
@@ -60,18 +72,25 @@ def convert_model(
         raise NotADirectoryError(f"dst {str(dst)!r} exists and is not a directory")
     quantizer = BitsAndBytesQuantizer(config)
 
-    layout = None if model is not None else static_targets(source, config, max_shard_size)
+    # The static reading answers for checkpoints whose tensors stay as stored (torch_dtype "auto").
+    static = model is None and torch_dtype is None
+    layout = static_targets(source, config, max_shard_size) if static else None
     if layout is not None:
         out = plan_output(source, [(k, k) for k in source.tensors], set(layout), config)
         json_files = static_config_files(source, quantizer)
         family = TRANSFORMERS
     else:
-        out, family, json_files = _plan_model(path, source, config, quantizer, model)
+        out, family, json_files = _plan_model(path, source, config, quantizer, model, torch_dtype)
     return write_conversion(source, out, family, dst, quantizer, json_files, max_shard_size, progress, checksums, t0)
 
 
 def _plan_model(
-    path: Path, source: Source, config: BitsAndBytesConfig, quantizer: BitsAndBytesQuantizer, model: nn.Module | None
+    path: Path,
+    source: Source,
+    config: BitsAndBytesConfig,
+    quantizer: BitsAndBytesQuantizer,
+    model: nn.Module | None,
+    torch_dtype: torch.dtype | None,
 ) -> tuple[Output, Family, dict[str, str]]:
     """The output planned from the model (the one passed in, or a meta skeleton for the source's
     config): its names for the checkpoint's tensors, its quantized Linear layers, its config files."""
@@ -90,11 +109,14 @@ def _plan_model(
             f"checkpoint in {source.folder}: transformers builds the quantized Linear weight(s) {fused[:3]} by fusing "
             "several checkpoint tensors; convert cannot stream such a weight (load it with from_pretrained)"
         )
+    stored = stored_dtypes(source, order)
+    dtypes = tensor_dtypes(model, family, source, stored, torch_dtype)
+    written = {**stored, **dtypes.tensors}
     json_files = model_config_files(
-        model, family, quantizer.config_dict(family), dtype=output_dtype(model, source, order, targets)
+        model, family, quantizer.config_dict(family), dtype=output_dtype(model, written, targets)
     )
-    out = plan_output(source, order.pairs, targets, config)
+    out = plan_output(source, order.pairs, targets, config, dtypes)
     if family is TRANSFORMERS:
         out.parameters = parameter_count(model, targets, config)
-        saved_order(model, source, order, out)
+        saved_order(model, source, order, out, dtypes)
     return out, family, json_files

@@ -15,6 +15,7 @@ from quantsave.backends.bitsandbytes import layout as bnb_layout
 from quantsave.backends.bitsandbytes.config import BitsAndBytesConfig
 from quantsave.checkpoint.tensors import NAME_TO_DTYPE
 from quantsave.conversions import KeyPlan, plan_keys, realize, saved_layout
+from quantsave.convert.dtypes import Dtypes
 from quantsave.convert.source import FLOATS, Source, torch_name
 from quantsave.errors import CheckpointError
 from quantsave.families import TRANSFORMERS, Family
@@ -28,6 +29,7 @@ __all__ = [
     "parameter_count",
     "plan_output",
     "saved_order",
+    "stored_dtypes",
 ]
 
 
@@ -107,17 +109,21 @@ def _fused_meta(model: nn.Module, source: Source, key: str, plan: KeyPlan) -> to
     return realize(model, key, plan.fused[key], metas)
 
 
-def output_dtype(model: nn.Module, source: Source, order: SourceOrder, targets: set[str]) -> torch.dtype:
+def stored_dtypes(source: Source, order: SourceOrder) -> dict[str, str]:
+    """Model key -> the dtype its checkpoint tensor(s) are stored in."""
+    stored = {m: source.tensors[k][1] for k, m in order.pairs}
+    for m, fused in order.plan.fused.items():
+        stored[m] = source.tensors[fused.sources[0][0]][1]
+    return stored
+
+
+def output_dtype(model: nn.Module, written: dict[str, str], targets: set[str]) -> torch.dtype:
     """The dtype transformers records: its model's first floating parameter once loaded (the
-    quantized weights are uint8 then)."""
-    ckpt_key = order.model_keys
+    quantized weights are uint8 then); ``written``: model key -> the dtype it is written in."""
     for name, _ in model.named_parameters():
-        key = ckpt_key.get(name)
-        if key is None and name in order.plan.fused:
-            key = order.plan.fused[name].sources[0][0]
-        entry = source.tensors.get(key) if key is not None else None
-        if entry is not None and entry[1] in FLOATS and name.removesuffix(".weight") not in targets:
-            return FLOATS[entry[1]]
+        dtype = written.get(name)
+        if dtype in FLOATS and name.removesuffix(".weight") not in targets:
+            return FLOATS[dtype]
     return torch.float32
 
 
@@ -133,16 +139,27 @@ def parameter_count(model: nn.Module, targets: set[str], config: BitsAndBytesCon
     return total
 
 
-def saved_order(model: nn.Module, source: Source, order: SourceOrder, out: Output) -> None:
+def saved_order(
+    model: nn.Module, source: Source, order: SourceOrder, out: Output, dtypes: Dtypes | None = None
+) -> None:
     """Renames ``out`` (model names) to the names transformers' ``save_pretrained`` writes after
     ``from_pretrained`` (its weight conversions reverted: fused experts split back into the
-    checkpoint's per-expert tensors, copied as they are) and puts it in that order."""
+    checkpoint's per-expert tensors, copied, cast as their fused parameter is) and puts it in
+    that order."""
+    fused_casts = {
+        k: cast
+        for m, f in order.plan.fused.items()
+        if (cast := (dtypes or Dtypes()).tensors.get(m)) is not None
+        for k, _ in f.sources
+        if source.tensors[k][1] != cast
+    }
     metas: dict[str, tuple[torch.dtype, list[int]]] = {
         k: (NAME_TO_DTYPE[dtype], shape) for k, (dtype, shape) in out.specs.items()
     }
     for m in order.plan.fused:
         t = _fused_meta(model, source, m, order.plan)
-        metas[m] = (t.dtype, list(t.shape))
+        cast = (dtypes or Dtypes()).tensors.get(m)
+        metas[m] = (NAME_TO_DTYPE[cast] if cast else t.dtype, list(t.shape))
     layout = saved_layout(model, order.plan, metas)
     fused_sources = {k for f in order.plan.fused.values() for k, _ in f.sources}
     rename: dict[str, str] = {}
@@ -158,8 +175,9 @@ def saved_order(model: nn.Module, source: Source, order: SourceOrder, out: Outpu
                     "which the checkpoint does not hold"
                 )
             file, dtype, shape = source.tensors[name]
-            specs[name] = (dtype, list(shape))
-            out.ops.append(("copy", file, name, name))
+            cast = fused_casts.get(name)
+            specs[name] = (cast or dtype, list(shape))
+            out.ops.append(("copy", file, name, name, cast))
         else:
             rename[model_key] = name
             specs[name] = out.specs[model_key]
@@ -180,16 +198,19 @@ def saved_order(model: nn.Module, source: Source, order: SourceOrder, out: Outpu
 def _renamed(op: tuple[Any, ...], rename: dict[str, str]) -> tuple[Any, ...]:
     """An op with its output names (model names) replaced by the saved ones."""
     kind = op[0]
-    r = rename.get
-    if kind == "copy":
-        return (*op[:3], r(op[3], op[3]))
-    if kind == "bytes":
-        return (op[0], op[1], r(op[2], op[2]))
-    if kind == "int8":
-        return (*op[:5], r(op[5], op[5]), r(op[6], op[6]))
-    # quant4: (kind, file, name, qt, bs, packed, absmax, nested)
-    nested = op[7] if op[7] is None else (op[7][0], r(op[7][1], op[7][1]))
-    return (*op[:5], r(op[5], op[5]), r(op[6], op[6]), nested)
+
+    def r(name: str) -> str:
+        return rename.get(name, name)
+
+    if kind == "copy":  # (kind, file, name, target, cast)
+        return (*op[:3], r(op[3]), op[4])
+    if kind == "bytes":  # (kind, data, target)
+        return (op[0], op[1], r(op[2]))
+    if kind == "int8":  # (kind, file, name, rows, cols, weight, scb, cast)
+        return (*op[:5], r(op[5]), r(op[6]), op[7])
+    # quant4: (kind, file, name, qt, bs, packed, absmax, nested, cast)
+    nested = op[7] if op[7] is None else (op[7][0], r(op[7][1]))
+    return (*op[:5], r(op[5]), r(op[6]), nested, op[8])
 
 
 def natural_key(name: str) -> list[tuple[Any, ...]]:
@@ -206,11 +227,19 @@ def natural_key(name: str) -> list[tuple[Any, ...]]:
     return parts
 
 
-def plan_output(source: Source, pairs: list[tuple[str, str]], targets: set[str], config: BitsAndBytesConfig) -> Output:
+def plan_output(
+    source: Source,
+    pairs: list[tuple[str, str]],
+    targets: set[str],
+    config: BitsAndBytesConfig,
+    dtypes: Dtypes | None = None,
+) -> Output:
     """Every output tensor in state-dict order (a quantized Linear's weight, bias, then its
     quantization state, as bitsandbytes' layers list them), under its model name, and the op
-    producing it (``pairs``: checkpoint key, model key)."""
+    producing it (``pairs``: checkpoint key, model key; ``dtypes``: the casts quantize-on-load
+    applies, see ``convert.dtypes``)."""
     out = Output()
+    dtypes = dtypes or Dtypes()
 
     def add(name: str, dtype: str, shape: list[int]) -> None:
         out.keys.append(name)
@@ -229,24 +258,31 @@ def plan_output(source: Source, pairs: list[tuple[str, str]], targets: set[str],
             if bias in models and bias not in out.specs:
                 pending[module] = (key, model_key)
             else:
-                _add_state(out, add, source, key, model_key, config)
+                _add_state(out, add, source, key, model_key, config, dtypes.model)
             continue
-        add(model_key, dtype, list(shape))
-        out.ops.append(("copy", file, key, model_key))
+        cast = dtypes.tensors.get(model_key)
+        add(model_key, cast or dtype, list(shape))
+        out.ops.append(("copy", file, key, model_key, cast))
         if leaf == "bias" and module in pending:
-            _add_state(out, add, source, *pending.pop(module), config)
+            _add_state(out, add, source, *pending.pop(module), config, dtypes.model)
     return out
 
 
-def _add_state(out: Output, add: Any, source: Source, key: str, model_key: str, config: BitsAndBytesConfig) -> None:
+def _add_state(
+    out: Output, add: Any, source: Source, key: str, model_key: str, config: BitsAndBytesConfig, cast: str | None
+) -> None:
     """The tensors a quantized weight keeps beside itself (``bnb_layout.state_specs``), and the
-    op producing them all (``key``: the source tensor, ``model_key``: its name in the model)."""
+    op producing them all (``key``: the source tensor, ``model_key``: its name in the model;
+    ``cast``: the dtype the weight is cast to before quantizing, None for as stored)."""
     file, dtype, (rows, cols) = source.tensors[key]
+    cast = cast if cast != dtype else None
     qt, bs, offset = config.bnb_4bit_quant_type, bnb_layout.BLOCKSIZE, None
     if config.bits == 4 and config.bnb_4bit_use_double_quant:
-        absmax = torch.frombuffer(bytearray(_core.absmax_4bit(source.files[file], key, bs)), dtype=torch.float32)
+        raw = _core.absmax_4bit(source.files[file], key, bs, cast=cast)
+        absmax = torch.frombuffer(bytearray(raw), dtype=torch.float32)
         offset = absmax.mean().item() if absmax.numel() else float("nan")
-    state = bnb_layout.quant_state_json(qt, torch_name(dtype), [rows, cols], offset) if config.bits == 4 else b""
+    quantized_as = torch_name(cast or dtype)
+    state = bnb_layout.quant_state_json(qt, quantized_as, [rows, cols], offset) if config.bits == 4 else b""
     specs = bnb_layout.state_specs(
         model_key, rows, cols, bits=config.bits, quant_type=qt, double=offset is not None, state_len=len(state)
     )
@@ -255,7 +291,7 @@ def _add_state(out: Output, add: Any, source: Source, key: str, model_key: str, 
     # 8-bit: SCB, weight_format; 4-bit: absmax, quant_map[, nested_absmax, nested_quant_map], quant state.
     names = [name for name, _, _ in specs]
     if config.bits == 8:
-        out.ops.append(("int8", file, key, rows, cols, model_key, names[0]))
+        out.ops.append(("int8", file, key, rows, cols, model_key, names[0], cast))
         out.ops.append(("bytes", bnb_layout.WEIGHT_FORMAT, names[1]))
         return
     out.ops.append(("bytes", bytes(_core.code_4bit(qt)), names[1]))
@@ -264,4 +300,4 @@ def _add_state(out: Output, add: Any, source: Source, key: str, model_key: str, 
         nested = (offset, names[2])
         out.ops.append(("bytes", bytes(_core.dynamic_map()), names[3]))
     out.ops.append(("bytes", state, names[-1]))
-    out.ops.append(("quant4", file, key, qt, bs, model_key, names[0], nested))
+    out.ops.append(("quant4", file, key, qt, bs, model_key, names[0], nested, cast))

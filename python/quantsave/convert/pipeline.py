@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from quantsave.checkpoint.commit import fsync_enabled, staged_directory
 from quantsave.checkpoint.reader import open_checkpoint, read_config
 from quantsave.checkpoint.writer import SaveResult
@@ -28,8 +30,10 @@ def convert_pipeline(
     max_shard_size: int | str | None,
     progress: bool | None,
     checksums: bool,
+    torch_dtype: torch.dtype | None = None,
 ) -> SaveResult:
-    """Converts the named components of a pipeline folder and copies everything else."""
+    """Converts the named components of a pipeline folder and copies everything else
+    (``torch_dtype``: as for each component, see ``convert.dtypes``)."""
     t0 = time.perf_counter()
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise ValueError("dst must not be the source pipeline folder or inside it")
@@ -65,7 +69,9 @@ def convert_pipeline(
         for entry in sorted(src.iterdir()):
             target = stage / entry.name
             if entry.name in configs:
-                r = convert_model(entry, target, configs[entry.name], None, max_shard_size, progress, checksums)
+                r = convert_model(
+                    entry, target, configs[entry.name], None, max_shard_size, progress, checksums, torch_dtype
+                )
                 result.files.extend(f"{entry.name}/{f}" for f in r.files)
                 result.total_bytes += r.total_bytes
                 result.num_shards += r.num_shards

@@ -26,6 +26,7 @@ from typing import Any
 from torch import nn
 
 from quantsave.checkpoint.writer import SaveResult
+from quantsave.convert.dtypes import resolve_dtype
 from quantsave.convert.model import bnb_config, convert_model
 from quantsave.convert.pipeline import convert_pipeline
 
@@ -40,6 +41,7 @@ def convert(
     model: nn.Module | None = None,
     components: list[str] | dict[str, Any] | None = None,
     max_shard_size: int | str | None = None,
+    torch_dtype: Any = None,
     progress: bool | None = None,
     checksums: bool = False,
 ) -> SaveResult:
@@ -58,6 +60,12 @@ def convert(
             config (as diffusers' ``PipelineQuantizationConfig(quant_mapping=...)``); the other
             folders and files are copied.
         max_shard_size: as for ``save_quantized``.
+        torch_dtype: the dtype of the tensors left unquantized (and the dtype the weights are
+            cast to before quantizing), as the reference's ``from_pretrained(torch_dtype=...)``:
+            a float torch dtype or its name. The default is the reference's: for transformers
+            ``"auto"`` (the config's ``dtype``), for diffusers float16 (its bitsandbytes
+            quantizer's choice; pass ``torch.bfloat16`` for bf16 models such as Flux). Either
+            way the model's ``_keep_in_fp32_modules`` are upcast to float32 as the reference does.
         progress: a progress bar (tqdm) over the bytes converted; default: when stderr is a TTY.
         checksums: record each output weights file's sha256 in ``checksums.sha256`` (see
             ``save_quantized``).
@@ -66,16 +74,20 @@ def convert(
         What was written (for a pipeline, the totals over the converted components).
 
     Raises:
-        ValueError: an unsupported config, an already quantized source, ``dst`` equal to the
-            source, or unknown pipeline components.
+        ValueError: an unsupported config or ``torch_dtype``, an already quantized source,
+            ``dst`` equal to the source, or unknown pipeline components.
         CheckpointError: a corrupt source file, or a source that does not match the model.
         FileNotFoundError: no source weights.
     """
     path = Path(src)
+    dtype = resolve_dtype(torch_dtype)
     if path.is_dir() and (path / "model_index.json").is_file():
         if model is not None:
             raise ValueError("model= applies to one model; a pipeline's components come from their folders")
-        return convert_pipeline(path, Path(dst), quantization_config, components, max_shard_size, progress, checksums)
+        return convert_pipeline(
+            path, Path(dst), quantization_config, components, max_shard_size, progress, checksums, dtype
+        )
     if components is not None:
         raise ValueError(f"components= applies to pipeline folders; {str(path)!r} is not one (no model_index.json)")
-    return convert_model(path, Path(dst), bnb_config(quantization_config), model, max_shard_size, progress, checksums)
+    config = bnb_config(quantization_config)
+    return convert_model(path, Path(dst), config, model, max_shard_size, progress, checksums, dtype)

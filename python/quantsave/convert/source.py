@@ -67,6 +67,8 @@ def static_targets(source: Source, config: BitsAndBytesConfig, max_shard_size: i
     floats = {d for _, d, _ in source.tensors.values() if d in FLOATS}
     if len(floats) != 1 or dtype != str(FLOATS[floats.pop()]).removeprefix("torch."):
         return None
+    if dtype == "float16":  # quantize-on-load upcasts the model's _keep_in_fp32_modules then
+        return None
     if cfg.get("tie_word_embeddings") is not False and any(k.endswith("lm_head.weight") for k in source.tensors):
         return None
     try:

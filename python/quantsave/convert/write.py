@@ -53,13 +53,13 @@ def write_conversion(
     for op in out.ops:
         kind = op[0]
         if kind == "copy":
-            _, file, name, target = op
-            ops.append(_core.ConvertOp.copy(file=file, name=name, shard=shard_of[target], target=target))
+            _, file, name, target, cast = op
+            ops.append(_core.ConvertOp.copy(file=file, name=name, shard=shard_of[target], target=target, cast=cast))
         elif kind == "bytes":
             _, data, target = op
             ops.append(_core.ConvertOp.bytes(data=data, shard=shard_of[target], target=target))
         elif kind == "quant4":
-            _, file, name, qt, bs, packed, absmax, nested = op
+            _, file, name, qt, bs, packed, absmax, nested, cast = op
             ops.append(
                 _core.ConvertOp.quant4(
                     file=file,
@@ -70,13 +70,21 @@ def write_conversion(
                     packed=packed,
                     absmax=absmax,
                     nested=nested,
+                    cast=cast,
                 )
             )
         else:
-            _, file, name, rows, cols, weight, scb = op
+            _, file, name, rows, cols, weight, scb, cast = op
             ops.append(
                 _core.ConvertOp.int8(
-                    file=file, name=name, rows=rows, cols=cols, shard=shard_of[weight], weight=weight, scb=scb
+                    file=file,
+                    name=name,
+                    rows=rows,
+                    cols=cols,
+                    shard=shard_of[weight],
+                    weight=weight,
+                    scb=scb,
+                    cast=cast,
                 )
             )
 

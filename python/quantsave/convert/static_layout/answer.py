@@ -68,6 +68,9 @@ def _check_init(interp: Interpreter, arch: Arch) -> None:
     for attr in ("_keys_to_ignore_on_save", "_checkpoint_conversion_mapping"):
         if (value := interp.classes.class_attr(arch.ref, attr)) is not None and literal(value):
             raise Unsure(f"{arch.name}.{attr}: the checkpoint's keys differ from the model's")
+    value = interp.classes.class_attr(arch.ref, "_keep_in_fp32_modules_strict")
+    if value is not None and literal(value):
+        raise Unsure(f"{arch.name}._keep_in_fp32_modules_strict: quantize-on-load upcasts those to float32")
 
 
 def _default_skips(

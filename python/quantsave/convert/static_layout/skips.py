@@ -108,6 +108,9 @@ def submodels(
     for name, types in interp.layout(ref).attrs.items():
         for t in types:
             if t[0] == "class" and interp.classes.is_pretrained(t):
+                strict = interp.classes.class_attr(t, "_keep_in_fp32_modules_strict")
+                if strict is not None and literal(strict):
+                    raise Unsure(f"{t[2]}._keep_in_fp32_modules_strict: quantize-on-load upcasts those to float32")
                 p = f"{prefix}{name}."
                 tied |= tied_names(interp.classes, t, p, names)
                 (fp32_direct if len(types - {NONE}) == 1 else fp32_deep).update(fp32(interp.classes, t))
