@@ -131,7 +131,8 @@ class ConvertOp:
     """One tensor group a ``Conversion`` produces; built only by the static constructors.
     ``file`` indexes the conversion's sources, ``shard`` its shards; ``name`` is a source
     tensor, the other names are tensors of that shard. ``cast`` (``"F32"``, ``"BF16"`` or
-    ``"F16"``) reads the source as that dtype, rounded as torch's ``.to(dtype)``."""
+    ``"F16"``) reads the source as that dtype, rounded as torch's ``.to(dtype)``;
+    ``transposed`` (quantizing ops) reads a 2-D source as its transpose (a ``Conv1D`` weight)."""
 
     @staticmethod
     def copy(*, file: int, name: str, shard: int, target: str, cast: str | None = None) -> ConvertOp: ...
@@ -149,10 +150,20 @@ class ConvertOp:
         absmax: str,
         nested: tuple[float, str] | None = None,
         cast: str | None = None,
+        transposed: bool = False,
     ) -> ConvertOp: ...
     @staticmethod
     def int8(
-        *, file: int, name: str, rows: int, cols: int, shard: int, weight: str, scb: str, cast: str | None = None
+        *,
+        file: int,
+        name: str,
+        rows: int,
+        cols: int,
+        shard: int,
+        weight: str,
+        scb: str,
+        cast: str | None = None,
+        transposed: bool = False,
     ) -> ConvertOp: ...
     @property
     def kind(self) -> Literal["copy", "bytes", "quant4", "int8"]: ...
@@ -175,5 +186,10 @@ class Conversion:
 
 # chunk_elems defaults to 4194304 (1 << 22); the runtime signature shows the default as ``...``.
 def absmax_4bit(
-    path: str | PathLike[str], name: str, blocksize: int = 64, chunk_elems: int = ..., cast: str | None = None
+    path: str | PathLike[str],
+    name: str,
+    blocksize: int = 64,
+    chunk_elems: int = ...,
+    cast: str | None = None,
+    transposed: bool = False,
 ) -> bytes: ...

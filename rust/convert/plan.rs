@@ -80,6 +80,12 @@ fn plan_op<'a>(
     };
     match op {
         Op::Copy { src, out } => {
+            if src.transposed {
+                return Err(Error::invalid(format!(
+                    "tensor {:?}: only quantizing ops read a source transposed",
+                    src.name
+                )));
+            }
             let r = resolve(src)?;
             let o = target(out)?;
             let size = match r.cast {

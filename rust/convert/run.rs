@@ -44,7 +44,7 @@ pub fn run(spec: &ConvertSpec, progress: &AtomicU64) -> Result<Vec<u64>> {
         let info = infos[s.file].get(s.name.as_str()).ok_or_else(|| {
             Error::invalid(format!("{}: no tensor {:?}", map.path.display(), s.name))
         })?;
-        Resolved::new(map, info, s.cast)
+        Resolved::new(map, info, s.cast, s.transposed)
     };
 
     let writers: Vec<StreamWriter> = spec
@@ -140,14 +140,15 @@ fn run_chunk(p: &Planned<'_>, c: &Chunk, writers: &[StreamWriter]) -> Result<()>
             }
             let first = (row0 * cols) as u64;
             let count = (rows * cols) as u64;
-            let half: Vec<u16> = if r.info.dtype == Dtype::F16 && r.cast.is_none() {
-                aligned::<u16>(r.bytes(first * 2, count * 2)).into_owned()
-            } else {
-                match with_floats(r, first, count, |x| FloatBuf::cast(x, Dtype::F16)) {
-                    Some(FloatBuf::F16(v)) => v,
-                    _ => unreachable!("a cast to F16 gives F16"),
-                }
-            };
+            let half: Vec<u16> =
+                if r.info.dtype == Dtype::F16 && r.cast.is_none() && r.transposed.is_none() {
+                    aligned::<u16>(r.bytes(first * 2, count * 2)).into_owned()
+                } else {
+                    match with_floats(r, first, count, |x| FloatBuf::cast(x, Dtype::F16)) {
+                        Some(FloatBuf::F16(v)) => v,
+                        _ => unreachable!("a cast to F16 gives F16"),
+                    }
+                };
             r.release(first * r.elem_size(), count * r.elem_size());
             let mut q = vec![0i8; rows * cols];
             let mut scb = vec![0f32; rows];
@@ -159,8 +160,8 @@ fn run_chunk(p: &Planned<'_>, c: &Chunk, writers: &[StreamWriter]) -> Result<()>
     }
 }
 
-/// The absmax of every 4-bit block of a source tensor (read as `cast`, see
-/// [`Source::cast`]), as the codec computes it (the caller takes their mean as the double-quant
+/// The absmax of every 4-bit block of a source tensor (read as `cast` and maybe `transposed`,
+/// see [`Source`]), as the codec computes it (the caller takes their mean as the double-quant
 /// offset, exactly as bitsandbytes does with torch).
 pub fn absmax_4bit(
     path: &std::path::Path,
@@ -168,6 +169,7 @@ pub fn absmax_4bit(
     blocksize: usize,
     chunk_elems: usize,
     cast: Option<Dtype>,
+    transposed: bool,
 ) -> Result<Vec<f32>> {
     let map = map_file(path)?;
     let info = map
@@ -176,7 +178,7 @@ pub fn absmax_4bit(
         .iter()
         .find(|t| t.name == name)
         .ok_or_else(|| Error::invalid(format!("{}: no tensor {name:?}", path.display())))?;
-    let src = Resolved::new(&map, info, cast)?;
+    let src = Resolved::new(&map, info, cast, transposed)?;
     check_float(&src)?;
     let n = src.numel() as usize;
     let chunk = chunk_len(chunk_elems, blocksize);

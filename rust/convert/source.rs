@@ -13,18 +13,39 @@ pub(super) struct Resolved<'a> {
     pub(super) info: &'a TensorInfo,
     /// The float dtype its elements are read as, when it differs from the stored one.
     pub(super) cast: Option<Dtype>,
+    /// Read as its transpose: the stored `(rows, cols)`.
+    pub(super) transposed: Option<(u64, u64)>,
 }
 
 impl Resolved<'_> {
-    /// `map`'s tensor `info` read as `cast` (None when that is its own dtype). Errors unless
-    /// both are float dtypes.
+    /// `map`'s tensor `info` read as `cast` (None when that is its own dtype), transposed when
+    /// asked. Errors unless both are float dtypes, or when a transposed tensor is not 2-D.
     pub(super) fn new<'a>(
         map: &'a MappedFile,
         info: &'a TensorInfo,
         cast: Option<Dtype>,
+        transposed: bool,
     ) -> Result<Resolved<'a>> {
         let cast = cast.filter(|&d| d != info.dtype);
-        let r = Resolved { map, info, cast };
+        let transposed = match (transposed, info.shape.as_slice()) {
+            (false, _) => None,
+            (true, &[rows, cols]) => Some((rows, cols)),
+            (true, shape) => {
+                return Err(Error::invalid(format!(
+                    "tensor {:?} has shape {shape:?}; only 2-D tensors are read transposed",
+                    info.name
+                )))
+            }
+        };
+        let r = Resolved {
+            map,
+            info,
+            cast,
+            transposed,
+        };
+        if transposed.is_some() {
+            check_float(&r)?;
+        }
         if let Some(d) = cast {
             check_float(&r)?;
             if !matches!(d, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
@@ -50,8 +71,12 @@ impl Resolved<'_> {
         (self.info.end - self.info.start) / self.elem_size()
     }
 
-    /// Drops the whole pages of a processed range from this process (they stay cached).
+    /// Drops the whole pages of a processed range from this process (they stay cached). A
+    /// transposed source is read across its whole extent, so nothing is released early.
     pub(super) fn release(&self, start: u64, len: u64) {
+        if self.transposed.is_some() {
+            return;
+        }
         let page = 4096u64;
         let lo = (self.info.start + start).div_ceil(page) * page;
         let hi = ((self.info.start + start + len) / page) * page;
@@ -103,7 +128,8 @@ pub(super) fn with_floats<T>(
     }
 }
 
-/// The elements `start..start + len` as stored, as [`Floats`], passed to `f`.
+/// The elements `start..start + len` as stored (of the transpose, for a transposed source), as
+/// [`Floats`], passed to `f`.
 fn with_stored_floats<T>(
     src: &Resolved<'_>,
     start: u64,
@@ -111,6 +137,23 @@ fn with_stored_floats<T>(
     f: impl FnOnce(Floats<'_>) -> T,
 ) -> T {
     let es = src.elem_size();
+    if let Some((rows, cols)) = src.transposed {
+        // Element i of the transpose ([cols, rows]) is stored at (i % rows) * cols + i / rows.
+        let at = |i: u64| ((i % rows) * cols + i / rows) * es;
+        let all = src.bytes(0, rows * cols * es);
+        let pick = |i: u64| &all[at(i) as usize..(at(i) + es) as usize];
+        return if src.info.dtype == Dtype::F32 {
+            let v: Vec<f32> = (start..start + len)
+                .map(|i| f32::from_le_bytes(pick(i).try_into().expect("4 bytes")))
+                .collect();
+            f(floats(Dtype::F32, &v, &[]))
+        } else {
+            let v: Vec<u16> = (start..start + len)
+                .map(|i| u16::from_le_bytes(pick(i).try_into().expect("2 bytes")))
+                .collect();
+            f(floats(src.info.dtype, &[], &v))
+        };
+    }
     let bytes = src.bytes(start * es, len * es);
     if src.info.dtype == Dtype::F32 {
         let v = aligned::<f32>(bytes);

@@ -20,6 +20,9 @@ pub struct Source {
     /// Read as this float dtype (F32, BF16 or F16), rounded as torch's `.to(dtype)`, as the
     /// references cast a tensor on load; None (or the source's own dtype) reads it as stored.
     pub cast: Option<Dtype>,
+    /// Read as the transpose of its 2-D shape (a GPT-2 style `Conv1D` weight, stored
+    /// `[in, out]`, quantized as the `[out, in]` Linear weight it stands for). Quantizing ops only.
+    pub transposed: bool,
 }
 
 /// An output tensor: index into [`ConvertSpec::shards`] and its name there.

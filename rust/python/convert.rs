@@ -42,7 +42,7 @@ impl ConvertOp {
     ) -> PyResult<Self> {
         Ok(ConvertOp {
             op: Op::Copy {
-                src: source(file, name, cast)?,
+                src: source(file, name, cast, false)?,
                 out: Target {
                     shard,
                     name: target,
@@ -71,7 +71,7 @@ impl ConvertOp {
     /// `(offset, nested_absmax)` for double quantization (`absmax` then holds uint8 codes and
     /// `nested_absmax` the float32 absmax of the nested blocks). All targets are in `shard`.
     #[staticmethod]
-    #[pyo3(signature = (*, file, name, quant_type, blocksize, shard, packed, absmax, nested=None, cast=None))]
+    #[pyo3(signature = (*, file, name, quant_type, blocksize, shard, packed, absmax, nested=None, cast=None, transposed=false))]
     #[allow(clippy::too_many_arguments)]
     fn quant4(
         file: usize,
@@ -83,11 +83,12 @@ impl ConvertOp {
         absmax: String,
         nested: Option<(f32, String)>,
         cast: Option<&str>,
+        transposed: bool,
     ) -> PyResult<Self> {
         let tgt = |name: String| Target { shard, name };
         Ok(ConvertOp {
             op: Op::Quant4 {
-                src: source(file, name, cast)?,
+                src: source(file, name, cast, transposed)?,
                 quant_type: quant_type.parse()?,
                 blocksize,
                 packed: tgt(packed),
@@ -103,7 +104,7 @@ impl ConvertOp {
     /// LLM.int8() of source tensor `name` of file `file`, a `rows` x `cols` matrix: int8 into
     /// tensor `weight`, float32 row absmax into tensor `scb`, both in `shard`.
     #[staticmethod]
-    #[pyo3(signature = (*, file, name, rows, cols, shard, weight, scb, cast=None))]
+    #[pyo3(signature = (*, file, name, rows, cols, shard, weight, scb, cast=None, transposed=false))]
     #[allow(clippy::too_many_arguments)]
     fn int8(
         file: usize,
@@ -114,11 +115,12 @@ impl ConvertOp {
         weight: String,
         scb: String,
         cast: Option<&str>,
+        transposed: bool,
     ) -> PyResult<Self> {
         let tgt = |name: String| Target { shard, name };
         Ok(ConvertOp {
             op: Op::Int8 {
-                src: source(file, name, cast)?,
+                src: source(file, name, cast, transposed)?,
                 rows,
                 cols,
                 weight: tgt(weight),
@@ -196,21 +198,33 @@ impl ConvertOp {
     }
 }
 
+/// A source tensor, read as the dtype named `cast` (a safetensors name) when given, and as its
+/// transpose when `transposed`.
+fn source(file: usize, name: String, cast: Option<&str>, transposed: bool) -> PyResult<Source> {
+    let cast = cast.map(parse_dtype).transpose()?;
+    Ok(Source {
+        file,
+        name,
+        cast,
+        transposed,
+    })
+}
+
+fn cast_repr(src: &Source) -> String {
+    let cast = src
+        .cast
+        .map_or("None".to_string(), |d| format!("{:?}", d.to_string()));
+    if src.transposed {
+        format!("{cast}, transposed=True")
+    } else {
+        cast
+    }
+}
+
 /// A streaming conversion (see `quantsave::convert`): `Conversion(sources, shards, ops,
 /// chunk_elems, fsync)` with shards as `(path, [(name, dtype, shape)], metadata)` and ops a
 /// list of `ConvertOp`. `run()` works without the GIL; `progress()` (source bytes done) can be
 /// polled meanwhile from another thread.
-/// A source tensor, read as the dtype named `cast` (a safetensors name) when given.
-fn source(file: usize, name: String, cast: Option<&str>) -> PyResult<Source> {
-    let cast = cast.map(parse_dtype).transpose()?;
-    Ok(Source { file, name, cast })
-}
-
-fn cast_repr(src: &Source) -> String {
-    src.cast
-        .map_or("None".to_string(), |d| format!("{:?}", d.to_string()))
-}
-
 #[pyclass(module = "quantsave._core", frozen)]
 struct Conversion {
     spec: ConvertSpec,
@@ -277,7 +291,7 @@ impl Conversion {
 /// The absmax of every 4-bit block of tensor `name` in `path` (float32 bytes), read as the
 /// dtype `cast` names (see `ConvertOp.copy`).
 #[pyfunction]
-#[pyo3(signature = (path, name, blocksize=64, chunk_elems=1 << 22, cast=None))]
+#[pyo3(signature = (path, name, blocksize=64, chunk_elems=1 << 22, cast=None, transposed=false))]
 fn absmax_4bit(
     py: Python<'_>,
     path: PathBuf,
@@ -285,10 +299,11 @@ fn absmax_4bit(
     blocksize: usize,
     chunk_elems: usize,
     cast: Option<&str>,
+    transposed: bool,
 ) -> PyResult<Vec<u8>> {
     let cast = cast.map(parse_dtype).transpose()?;
     let v = run_detached(py, || {
-        convert::absmax_4bit(&path, &name, blocksize, chunk_elems, cast)
+        convert::absmax_4bit(&path, &name, blocksize, chunk_elems, cast, transposed)
     })?;
     Ok(bytemuck::cast_slice(&v).to_vec())
 }

@@ -99,6 +99,7 @@ fn s(name: &str) -> Source {
         file: 0,
         name: name.to_string(),
         cast: None,
+        transposed: false,
     }
 }
 
@@ -341,11 +342,11 @@ fn absmax_pass_matches_the_quantizer() {
     .unwrap();
     for chunk in [1, 20_000, 1 << 22] {
         assert_eq!(
-            quantsave::convert::absmax_4bit(&sc.src, "a.weight", 64, chunk, None).unwrap(),
+            quantsave::convert::absmax_4bit(&sc.src, "a.weight", 64, chunk, None, false).unwrap(),
             a
         );
     }
-    assert!(quantsave::convert::absmax_4bit(&sc.src, "nope", 64, 1, None).is_err());
+    assert!(quantsave::convert::absmax_4bit(&sc.src, "nope", 64, 1, None, false).is_err());
 }
 
 #[test]
@@ -661,8 +662,8 @@ fn casts_round_as_torch_and_feed_the_quantizers() {
         fs::remove_file(out).unwrap();
     }
     // The absmax pass reads the cast too.
-    let a =
-        quantsave::convert::absmax_4bit(&sc.src, "c.weight", 64, 100, Some(Dtype::BF16)).unwrap();
+    let a = quantsave::convert::absmax_4bit(&sc.src, "c.weight", 64, 100, Some(Dtype::BF16), false)
+        .unwrap();
     assert_eq!(f32_bytes(&a), r4.1);
     // Only float casts of float tensors.
     let tensors = vec![spec("x", Dtype::I8, &[W3.0, W3.1])];
@@ -699,4 +700,97 @@ fn float_casts_keep_nan_and_infinities() {
     assert!(half::f16::from_bits(w[0]).is_nan());
     assert_eq!(&w[1..], &[0x7c00, 0xfc00, 0x8000, 0x3c00]);
     assert!(codec::FloatBuf::cast(Floats::F32(&x), Dtype::I8).is_none());
+}
+
+#[test]
+fn transposed_sources_quantize_the_transpose() {
+    let sc = scene();
+    // c.weight is f32 [33, 40]; its transpose [40, 33], cast to bf16 as well.
+    let (rows, cols) = (W3.0 as usize, W3.1 as usize);
+    let mut tr = vec![0f32; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            tr[c * rows + r] = sc.w3[r * cols + c];
+        }
+    }
+    let trb: Vec<u16> = tr
+        .iter()
+        .map(|x| half::bf16::from_f32(*x).to_bits())
+        .collect();
+    let n = rows * cols;
+    let r4 = reference_q4(Floats::Bf16(&trb), QuantType::Fp4, None);
+    let trh: Vec<u16> = tr
+        .iter()
+        .map(|x| half::f16::from_f32(*x).to_bits())
+        .collect();
+    let mut q8 = vec![0i8; n];
+    let mut scb = vec![0f32; cols];
+    codec::quantize_int8_rows(&trh, cols, rows, &mut q8, &mut scb).unwrap();
+    let read = |cast: Option<Dtype>| Source {
+        cast,
+        transposed: true,
+        ..s("c.weight")
+    };
+    for chunk in [1, 100, 1 << 22] {
+        let tensors = vec![
+            spec("t.weight", Dtype::U8, &[packed_len(n) as u64, 1]),
+            spec("t.weight.absmax", Dtype::F32, &[num_blocks(n, 64) as u64]),
+            spec("t8.weight", Dtype::I8, &[W3.1, W3.0]),
+            spec("t8.SCB", Dtype::F32, &[W3.1]),
+        ];
+        let ops = vec![
+            Op::Quant4 {
+                src: read(Some(Dtype::BF16)),
+                quant_type: QuantType::Fp4,
+                blocksize: 64,
+                packed: t("t.weight"),
+                absmax: t("t.weight.absmax"),
+                nested: None,
+            },
+            Op::Int8 {
+                src: read(None),
+                rows: cols,
+                cols: rows,
+                weight: t("t8.weight"),
+                scb: t("t8.SCB"),
+            },
+        ];
+        let out = convert(&sc.dir, &sc.src, tensors, ops, chunk).unwrap();
+        let got = read_all(&out);
+        assert_eq!(got["t.weight"], r4.0, "chunk {chunk}");
+        assert_eq!(got["t.weight.absmax"], r4.1, "chunk {chunk}");
+        assert_eq!(
+            got["t8.weight"],
+            bytemuck::cast_slice::<i8, u8>(&q8),
+            "chunk {chunk}"
+        );
+        assert_eq!(got["t8.SCB"], f32_bytes(&scb), "chunk {chunk}");
+        fs::remove_file(out).unwrap();
+    }
+    let a = quantsave::convert::absmax_4bit(&sc.src, "c.weight", 64, 100, Some(Dtype::BF16), true)
+        .unwrap();
+    assert_eq!(f32_bytes(&a), r4.1);
+    // A copy does not transpose; a 1-D tensor cannot be.
+    let tensors = vec![spec("x", Dtype::F32, &[W3.1, W3.0])];
+    let ops = vec![Op::Copy {
+        src: read(None),
+        out: t("x"),
+    }];
+    let err = convert(&sc.dir, &sc.src, tensors, ops, 100).unwrap_err();
+    assert!(err.to_string().contains("only quantizing ops"), "{err}");
+    let tensors = vec![spec("y", Dtype::U8, &[48, 1]), spec("ya", Dtype::F32, &[2])];
+    let ops = vec![Op::Quant4 {
+        src: Source {
+            transposed: true,
+            ..s("a.bias")
+        },
+        quant_type: QuantType::Nf4,
+        blocksize: 64,
+        packed: t("y"),
+        absmax: t("ya"),
+        nested: None,
+    }];
+    let err = convert(&sc.dir, &sc.src, tensors, ops, 100).unwrap_err();
+    assert!(err.to_string().contains("only 2-D tensors"), "{err}");
+    assert!(leftovers(&sc.dir).is_empty());
 }
