@@ -1,7 +1,8 @@
 """transformers' own key rules on real-checkpoint conventions: legacy keys the model ignores
 (a sentence-transformers BERT's ``embeddings.position_ids``), mixture-of-experts checkpoints whose
 per-expert weights transformers fuses on load and splits back on save, and a model whose float
-buffers take the checkpoint's dtype (CodeGen's sinusoidal positions). For each: ``convert`` writes
+buffers take the checkpoint's dtype (CodeGen's sinusoidal positions), and GPT-2's Conv1D layers
+(quantized as the Linear layers they stand for). For each: ``convert`` writes
 what quantize-on-load + ``save_pretrained`` writes, ``load_quantized`` of the reference folder gives
 the reference's outputs, and ``save_quantized`` of that model writes the reference's bytes again."""
 
@@ -56,6 +57,12 @@ def _codegen() -> Any:
     return transformers.CodeGenForCausalLM(config).to(torch.bfloat16)
 
 
+def _gpt2() -> Any:
+    """GPT-2's attention and MLP are Conv1D layers (weights stored [in, out])."""
+    config = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=32)
+    return transformers.GPT2LMHeadModel(config)
+
+
 def _add_legacy_position_ids(folder: Path) -> None:
     """As sentence-transformers BERT checkpoints on the Hub hold: the old persistent buffer."""
     path = folder / "model.safetensors"
@@ -69,6 +76,7 @@ MODELS: dict[str, tuple[Callable[[], Any], Any, Callable[[Path], None] | None]] 
     "qwen3_moe": (_qwen3_moe, "AutoModelForCausalLM", None),
     "bert-legacy-keys": (_bert, "AutoModel", _add_legacy_position_ids),
     "codegen-bf16": (_codegen, "AutoModelForCausalLM", None),
+    "gpt2-conv1d": (_gpt2, "AutoModelForCausalLM", None),
 }
 
 
@@ -140,3 +148,16 @@ def test_unknown_key_is_still_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "qs").exists()
     cfg = json.loads((tmp_path / "src" / "config.json").read_text())
     assert "quantization_config" not in cfg
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_conv1d_quantized_in_process(name: str, tmp_path: Path) -> None:
+    """``quantize`` of a float GPT-2 quantizes its Conv1D layers as transformers does on load."""
+    torch.manual_seed(0)
+    _gpt2().save_pretrained(tmp_path / "src")
+    bnb = transformers.BitsAndBytesConfig(**CONFIGS[name])
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", quantization_config=bnb, device_map="cpu")
+    ref.save_pretrained(tmp_path / "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src")
+    qs.save_quantized(qs.quantize(model, qs.BitsAndBytesConfig(**CONFIGS[name])), tmp_path / "qs")
+    check_against_reference(tmp_path / "qs", tmp_path / "hf", "model.safetensors.index.json")

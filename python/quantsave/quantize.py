@@ -7,14 +7,14 @@ bit-compatible with bitsandbytes, weights on an accelerator by bitsandbytes). to
 from __future__ import annotations
 
 import re
-from typing import Any, cast
+from typing import Any
 
 from torch import nn
 
 from quantsave.backends.bitsandbytes.config import BitsAndBytesConfig
 from quantsave.backends.bitsandbytes.modules import import_bnb, linear_4bit, linear_8bit
 from quantsave.backends.config import resolve_config
-from quantsave.backends.modules import replace_module
+from quantsave.backends.modules import as_linear, is_conv1d, replace_module
 from quantsave.backends.quanto.config import QuantoConfig
 from quantsave.backends.registry import record_config
 from quantsave.backends.torchao.config import TorchAoConfig
@@ -42,7 +42,8 @@ def bnb_targets(
     - transformers: ``type(m) is nn.Linear`` unless a ``modules_to_not_convert`` pattern matches;
       the patterns are the config's ``llm_int8_skip_modules`` (or, when it is None, the tied
       weights, the module of the last parameter and the output embeddings) plus the model's
-      ``_keep_in_fp32_modules``. GPT-2 style ``Conv1D`` layers are refused.
+      ``_keep_in_fp32_modules``. GPT-2 style ``Conv1D`` layers are quantized too, as the Linear
+      they stand for (their weight transposed).
     - diffusers: ``isinstance(m, nn.Linear)`` unless its name is listed, or a listed name equals
       the full name or is followed by a dot inside it (``llm_int8_skip_modules`` plus the model's
       ``_keep_in_fp32_modules``).
@@ -50,9 +51,6 @@ def bnb_targets(
       name part) and the output embeddings when the model has ``get_output_embeddings``.
 
     ``modules_to_not_convert`` adds names to skip in every case.
-
-    Raises:
-        ValueError: a transformers model with ``Conv1D`` layers to quantize.
     """
     extra = list(modules_to_not_convert or [])
     family = family_of(model)
@@ -64,12 +62,7 @@ def bnb_targets(
         for name, m in model.named_modules():
             if not name or not transformers_should_convert(name, patterns):
                 continue
-            if type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers"):
-                raise ValueError(
-                    f"{name!r} is a GPT-2 style Conv1D layer; "
-                    "quantsave quantizes nn.Linear layers only (not supported yet)"
-                )
-            if type(m) is nn.Linear:
+            if type(m) is nn.Linear or is_conv1d(m):
                 names.append(name)
         return names
     if family is DIFFUSERS:
@@ -134,8 +127,8 @@ def quantize(
         )
     import_bnb()
     names = bnb_targets(model, config, modules_to_not_convert)
-    # bnb_targets lists nn.Linear layers only.
-    targets = [(name, cast(nn.Linear, model.get_submodule(name))) for name in names]
+    # bnb_targets lists nn.Linear layers (and transformers' Conv1D, seen as one).
+    targets = [(name, as_linear(model.get_submodule(name))) for name in names]
     for name, lin in targets:
         new = linear_4bit(lin, config) if config.bits == 4 else linear_8bit(lin, config)
         replace_module(model, name, new)

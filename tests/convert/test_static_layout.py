@@ -105,7 +105,7 @@ CASES = [
     ),
     # transformers fuses the experts into one parameter on load (conversion_mapping.py).
     Case("mixtral", "mixtral", "MixtralForCausalLM", {**LLM, "num_local_experts": 4}, "none"),
-    # GPT-2 style Conv1D: bnb_targets refuses it, so must the static reading.
+    # GPT-2 style Conv1D (quantized transposed): the static reading leaves it to the skeleton.
     Case(
         "gpt2", "gpt2", "GPT2LMHeadModel", dict(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64), "none"
     ),
@@ -142,7 +142,7 @@ def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
 
 def _exact(skeleton: torch.nn.Module, tensors: dict[str, Any], skip: list[str] | None) -> list[str] | None:
-    """The answer from the model itself; None where bnb_targets refuses the model (Conv1D)."""
+    """The answer from the model itself; None where bnb_targets refuses the model."""
     try:
         names = bnb_targets(skeleton, BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=skip))
     except ValueError:

@@ -1,17 +1,41 @@
-"""Module replacement shared by every backend: find the Linear a checkpoint names, and swap a
-quantized module in its place (keeping the replaced module's train/eval mode)."""
+"""Module replacement shared by every backend: find the Linear a checkpoint names (a GPT-2 style
+``Conv1D`` seen as the Linear it stands for), and swap a quantized module in its place (keeping
+the replaced module's train/eval mode)."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from quantsave.errors import CheckpointError
 
-__all__ = ["linear_at", "replace_module"]
+__all__ = ["as_linear", "is_conv1d", "linear_at", "replace_module"]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' GPT-2 style ``Conv1D`` (a Linear with its weight stored ``[in, out]``)."""
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__)
+
+
+def as_linear(module: nn.Module) -> nn.Linear:
+    """``module`` as an ``nn.Linear``: itself, or for a ``Conv1D`` a Linear viewing its weight
+    transposed (``[out, in]``, no copy) and its bias, as transformers' bitsandbytes integration
+    quantizes it."""
+    if not is_conv1d(module):
+        return module  # type: ignore[return-value]
+    weight: torch.Tensor = module.weight  # type: ignore[assignment]
+    bias: torch.Tensor | None = module.bias  # type: ignore[assignment]
+    view = nn.Linear(1, 1, bias=False, device="meta")
+    view.in_features, view.out_features = int(weight.shape[0]), int(weight.shape[1])
+    view.weight = nn.Parameter(weight.detach().T, requires_grad=False)
+    if bias is not None:
+        view.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return view
 
 
 def linear_at(model: nn.Module, name: str, *, not_linear: str = ", not Linear") -> nn.Linear:
-    """The ``nn.Linear`` at ``name`` in ``model``, which a checkpoint quantizes.
+    """The ``nn.Linear`` at ``name`` in ``model``, which a checkpoint quantizes (a ``Conv1D``
+    there is seen through ``as_linear``).
 
     Raises:
         CheckpointError: no module there, or one that is not a Linear (``not_linear`` ends the
@@ -21,11 +45,11 @@ def linear_at(model: nn.Module, name: str, *, not_linear: str = ", not Linear") 
         module = model.get_submodule(name)
     except AttributeError:
         raise CheckpointError(f"checkpoint has quantized weight {name!r} but the model has no such module") from None
-    if not isinstance(module, nn.Linear):
+    if not isinstance(module, nn.Linear) and not is_conv1d(module):
         raise CheckpointError(
             f"checkpoint quantizes {name!r} but the model's module there is {type(module).__name__}{not_linear}"
         )
-    return module
+    return as_linear(module)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -13,6 +13,7 @@ from torch import nn
 from quantsave.backends.bitsandbytes.config import BitsAndBytesConfig
 from quantsave.backends.bitsandbytes.quantizer import BitsAndBytesQuantizer
 from quantsave.backends.config import resolve_config
+from quantsave.backends.modules import is_conv1d
 from quantsave.checkpoint.writer import SaveResult
 from quantsave.convert.dtypes import tensor_dtypes
 from quantsave.convert.output import (
@@ -115,7 +116,8 @@ def _plan_model(
     json_files = model_config_files(
         model, family, quantizer.config_dict(family), dtype=output_dtype(model, written, targets)
     )
-    out = plan_output(source, order.pairs, targets, config, dtypes)
+    conv1d = {t for t in targets if is_conv1d(model.get_submodule(t))}
+    out = plan_output(source, order.pairs, targets, config, dtypes, conv1d)
     if family is TRANSFORMERS:
         out.parameters = parameter_count(model, targets, config)
         saved_order(model, source, order, out, dtypes)

@@ -129,9 +129,13 @@ def output_dtype(model: nn.Module, written: dict[str, str], targets: set[str]) -
 
 def parameter_count(model: nn.Module, targets: set[str], config: BitsAndBytesConfig) -> int:
     """transformers' ``total_parameters`` of the quantized model: a packed 4-bit weight counts
-    two values per stored byte."""
+    two values per stored byte; tied weights count once (the skeleton, built as from_pretrained
+    builds it, is not tied yet)."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     total = 0
     for name, p in model.named_parameters():
+        if name in tied:
+            continue
         n = p.numel()
         if config.bits == 4 and name.endswith(".weight") and name[: -len(".weight")] in targets:
             n = bnb_layout.logical_parameters(bnb_layout.packed_bytes(n))
@@ -206,11 +210,11 @@ def _renamed(op: tuple[Any, ...], rename: dict[str, str]) -> tuple[Any, ...]:
         return (*op[:3], r(op[3]), op[4])
     if kind == "bytes":  # (kind, data, target)
         return (op[0], op[1], r(op[2]))
-    if kind == "int8":  # (kind, file, name, rows, cols, weight, scb, cast)
-        return (*op[:5], r(op[5]), r(op[6]), op[7])
-    # quant4: (kind, file, name, qt, bs, packed, absmax, nested, cast)
+    if kind == "int8":  # (kind, file, name, rows, cols, weight, scb, cast, transposed)
+        return (*op[:5], r(op[5]), r(op[6]), *op[7:])
+    # quant4: (kind, file, name, qt, bs, packed, absmax, nested, cast, transposed)
     nested = op[7] if op[7] is None else (op[7][0], r(op[7][1]))
-    return (*op[:5], r(op[5]), r(op[6]), nested, op[8])
+    return (*op[:5], r(op[5]), r(op[6]), nested, *op[8:])
 
 
 def natural_key(name: str) -> list[tuple[Any, ...]]:
@@ -233,52 +237,71 @@ def plan_output(
     targets: set[str],
     config: BitsAndBytesConfig,
     dtypes: Dtypes | None = None,
+    transposed: set[str] | None = None,
 ) -> Output:
     """Every output tensor in state-dict order (a quantized Linear's weight, bias, then its
     quantization state, as bitsandbytes' layers list them), under its model name, and the op
     producing it (``pairs``: checkpoint key, model key; ``dtypes``: the casts quantize-on-load
-    applies, see ``convert.dtypes``)."""
+    applies, see ``convert.dtypes``; ``transposed``: target modules whose weight is stored
+    ``[in, out]``, GPT-2's ``Conv1D``)."""
     out = Output()
     dtypes = dtypes or Dtypes()
+    transposed = transposed or set()
 
     def add(name: str, dtype: str, shape: list[int]) -> None:
         out.keys.append(name)
         out.specs[name] = (dtype, shape)
 
     models = {m for _, m in pairs}
-    pending: dict[str, tuple[str, str]] = {}  # module -> its weight (keys), until its bias (if any) is listed
+    pending: dict[str, _Weight] = {}  # module -> its weight, until its bias (if any) is listed
     for key, model_key in pairs:
         file, dtype, shape = source.tensors[key]
         module, _, leaf = model_key.rpartition(".")
         if leaf == "weight" and module in targets:
             if dtype not in FLOATS or len(shape) != 2:
                 raise ValueError(f"{key!r} is {dtype} {shape}; only 2-D F32/BF16/F16 Linear weights can be quantized")
-            add(model_key, *bnb_layout.weight_spec(shape[0], shape[1], config.bits))
+            flip = module in transposed
+            rows, cols = (shape[1], shape[0]) if flip else (shape[0], shape[1])
+            add(model_key, *bnb_layout.weight_spec(rows, cols, config.bits))
+            weight = _Weight(key, model_key, rows, cols, flip)
             bias = f"{module}.bias"
             if bias in models and bias not in out.specs:
-                pending[module] = (key, model_key)
+                pending[module] = weight
             else:
-                _add_state(out, add, source, key, model_key, config, dtypes.model)
+                _add_state(out, add, source, weight, config, dtypes.model)
             continue
         cast = dtypes.tensors.get(model_key)
         add(model_key, cast or dtype, list(shape))
         out.ops.append(("copy", file, key, model_key, cast))
         if leaf == "bias" and module in pending:
-            _add_state(out, add, source, *pending.pop(module), config, dtypes.model)
+            _add_state(out, add, source, pending.pop(module), config, dtypes.model)
     return out
 
 
+@dataclass
+class _Weight:
+    """A weight to quantize: its checkpoint key, model key, logical ``[rows, cols]`` (the Linear
+    weight's) and whether the checkpoint stores it transposed."""
+
+    key: str
+    model_key: str
+    rows: int
+    cols: int
+    transposed: bool
+
+
 def _add_state(
-    out: Output, add: Any, source: Source, key: str, model_key: str, config: BitsAndBytesConfig, cast: str | None
+    out: Output, add: Any, source: Source, w: _Weight, config: BitsAndBytesConfig, cast: str | None
 ) -> None:
     """The tensors a quantized weight keeps beside itself (``bnb_layout.state_specs``), and the
-    op producing them all (``key``: the source tensor, ``model_key``: its name in the model;
-    ``cast``: the dtype the weight is cast to before quantizing, None for as stored)."""
-    file, dtype, (rows, cols) = source.tensors[key]
+    op producing them all (``cast``: the dtype the weight is cast to before quantizing, None
+    for as stored)."""
+    file, dtype, _ = source.tensors[w.key]
+    key, model_key, rows, cols, flip = w.key, w.model_key, w.rows, w.cols, w.transposed
     cast = cast if cast != dtype else None
     qt, bs, offset = config.bnb_4bit_quant_type, bnb_layout.BLOCKSIZE, None
     if config.bits == 4 and config.bnb_4bit_use_double_quant:
-        raw = _core.absmax_4bit(source.files[file], key, bs, cast=cast)
+        raw = _core.absmax_4bit(source.files[file], key, bs, cast=cast, transposed=flip)
         absmax = torch.frombuffer(bytearray(raw), dtype=torch.float32)
         offset = absmax.mean().item() if absmax.numel() else float("nan")
     quantized_as = torch_name(cast or dtype)
@@ -291,7 +314,7 @@ def _add_state(
     # 8-bit: SCB, weight_format; 4-bit: absmax, quant_map[, nested_absmax, nested_quant_map], quant state.
     names = [name for name, _, _ in specs]
     if config.bits == 8:
-        out.ops.append(("int8", file, key, rows, cols, model_key, names[0], cast))
+        out.ops.append(("int8", file, key, rows, cols, model_key, names[0], cast, flip))
         out.ops.append(("bytes", bnb_layout.WEIGHT_FORMAT, names[1]))
         return
     out.ops.append(("bytes", bytes(_core.code_4bit(qt)), names[1]))
@@ -300,4 +323,4 @@ def _add_state(
         nested = (offset, names[2])
         out.ops.append(("bytes", bytes(_core.dynamic_map()), names[3]))
     out.ops.append(("bytes", state, names[-1]))
-    out.ops.append(("quant4", file, key, qt, bs, model_key, names[0], nested, cast))
+    out.ops.append(("quant4", file, key, qt, bs, model_key, names[0], nested, cast, flip))

@@ -59,7 +59,7 @@ def write_conversion(
             _, data, target = op
             ops.append(_core.ConvertOp.bytes(data=data, shard=shard_of[target], target=target))
         elif kind == "quant4":
-            _, file, name, qt, bs, packed, absmax, nested, cast = op
+            _, file, name, qt, bs, packed, absmax, nested, cast, transposed = op
             ops.append(
                 _core.ConvertOp.quant4(
                     file=file,
@@ -71,10 +71,11 @@ def write_conversion(
                     absmax=absmax,
                     nested=nested,
                     cast=cast,
+                    transposed=transposed,
                 )
             )
         else:
-            _, file, name, rows, cols, weight, scb, cast = op
+            _, file, name, rows, cols, weight, scb, cast, transposed = op
             ops.append(
                 _core.ConvertOp.int8(
                     file=file,
@@ -85,6 +86,7 @@ def write_conversion(
                     weight=weight,
                     scb=scb,
                     cast=cast,
+                    transposed=transposed,
                 )
             )
 
