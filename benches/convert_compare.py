@@ -4,7 +4,9 @@
 Builds bf16 Llama-shaped checkpoints (hidden 2048 by default; the layer counts given), then for
 each size runs every tool in a fresh process, timed from after ``import torch``, and reports the
 medians of the wall time and of the peak RSS (``ru_maxrss``) against the process baseline with
-torch imported.
+torch imported. With ``--moe`` the checkpoints are Mixtral-shaped instead (8 experts per layer,
+hidden 1024, expert width 1792; 14 layers make ~1.5 GB): per-expert weights on disk, which
+transformers fuses on load and splits back on save, and quantsave streams as they are.
 
 With ``--larger-than-ram GB`` it instead writes a Llama-shaped bf16 checkpoint of at least that
 size tensor by tensor (hidden 4096, 5 GB shards; one random buffer reused for every weight) and
@@ -12,6 +14,7 @@ converts it with quantsave alone, printing the time, the peak RSS and the machin
 reference loads whole models and cannot run there.
 
 Usage: python benches/convert_compare.py [--layers 12 24] [--hidden 2048] [--runs 3] [--dir /tmp/qs-convert]
+       python benches/convert_compare.py --moe [--layers 14] [--runs 3]
        python benches/convert_compare.py --larger-than-ram 26 [--dir /big/disk]
 """
 
@@ -48,34 +51,42 @@ print(json.dumps({"seconds": seconds, "base_mb": base / 1024, "peak_mb": peak / 
 """
 
 
-def build(path: Path, layers: int, hidden: int) -> None:
+def build(path: Path, layers: int, hidden: int, moe: bool = False) -> None:
     """Writes the checkpoint from a separate process: peak RSS is inherited by children on Linux,
     so this process must stay small."""
     if (path / "config.json").is_file():
         return
     code = (
         f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import convert_compare as c; "
-        f"c._build({str(path)!r}, {layers}, {hidden})"
+        f"c._build({str(path)!r}, {layers}, {hidden}, {moe})"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def _build(path: str, layers: int, hidden: int) -> None:
+def _build(path: str, layers: int, hidden: int, moe: bool = False) -> None:
     import torch
     import transformers
 
-    config = transformers.LlamaConfig(
+    shape = dict(
         vocab_size=32000,
         hidden_size=hidden,
-        intermediate_size=hidden * 11 // 4,
         num_hidden_layers=layers,
         num_attention_heads=hidden // 128,
         num_key_value_heads=hidden // 128,
         tie_word_embeddings=False,
     )
+    if moe:
+        config: object = transformers.MixtralConfig(
+            **shape, intermediate_size=hidden * 7 // 4, num_local_experts=8, num_experts_per_tok=2
+        )
+        cls: type = transformers.MixtralForCausalLM
+    else:
+        config = transformers.LlamaConfig(**shape, intermediate_size=hidden * 11 // 4)
+        cls = transformers.LlamaForCausalLM
     torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
     with torch.device("cpu"):
-        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+        model = cls(config)
     model.save_pretrained(path)
 
 
@@ -150,14 +161,17 @@ def run(tool: str, src: Path, dst: Path) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, nargs="+", default=[12, 24])
-    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--layers", type=int, nargs="+", help="layer counts (default: 12 24; with --moe: 14)")
+    p.add_argument("--hidden", type=int, help="hidden size (default: 2048; with --moe: 1024)")
+    p.add_argument("--moe", action="store_true", help="Mixtral-shaped checkpoints (8 experts) instead of Llama")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "qs-convert"))
     p.add_argument(
         "--larger-than-ram", type=float, metavar="GB", help="convert a checkpoint of this size with quantsave alone"
     )
     args = p.parse_args()
+    layers_list = args.layers or ([14] if args.moe else [12, 24])
+    hidden = args.hidden or (1024 if args.moe else 2048)
     root = Path(args.dir)
     if args.larger_than_ram:
         src = root / f"llama-huge-{args.larger_than_ram:g}gb"
@@ -175,9 +189,9 @@ def main() -> None:
               f"peak RSS {m['peak_mb']:.0f} MB (base {m['base_mb']:.0f} MB), output {out_gb:.1f} GB")
         return
     print(f"{'checkpoint':<22}{'tool':<14}{'seconds':>9}{'peak-base MB':>14}{'base MB':>9}")
-    for layers in args.layers:
-        src = root / f"llama-{layers}l-{args.hidden}"
-        build(src, layers, args.hidden)
+    for layers in layers_list:
+        src = root / f"{'mixtral' if args.moe else 'llama'}-{layers}l-{hidden}"
+        build(src, layers, hidden, args.moe)
         gb = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 1e9
         res: dict[str, list[dict[str, float]]] = {"quantsave": [], "transformers": []}
         for _ in range(args.runs):
@@ -186,7 +200,7 @@ def main() -> None:
         med = {t: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for t, rs in res.items()}
         for tool, m in med.items():
             print(
-                f"{f'{gb:.2f} GB bf16':<22}{tool:<14}{m['seconds']:>9.2f}"
+                f"{f'{gb:.2f} GB bf16' + (' MoE' if args.moe else ''):<22}{tool:<14}{m['seconds']:>9.2f}"
                 f"{m['peak_mb'] - m['base_mb']:>14.0f}{m['base_mb']:>9.0f}"
             )
         print(
