@@ -73,3 +73,36 @@ def test_meta_skeleton(sd3_dir, sd3_inputs, diffusers_bnb_on_cpu, tmp_path) -> N
         skeleton = diffusers.SD3Transformer2DModel(**sd3_kwargs())
     loaded = qs.load_quantized(tmp_path / "qs", skeleton)
     assert torch.equal(_run(loaded, sd3_inputs), _run(model, sd3_inputs))
+
+
+def test_buffers_take_the_checkpoint_dtype(diffusers_bnb_on_cpu, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A model built from config.json is built under the checkpoint's dtype, as
+    ``from_pretrained(torch_dtype=...)`` builds it: ConsistencyDecoderVAE's ``means``/``stds``
+    buffers (not in the checkpoint) are bf16 next to its bf16 weights, and it decodes as diffusers' model."""
+    tiny = dict(
+        encoder_block_out_channels=(32, 64),
+        encoder_down_block_types=("DownEncoderBlock2D",) * 2,
+        encoder_layers_per_block=1,
+        encoder_norm_num_groups=8,
+        decoder_block_out_channels=(32, 64),
+        decoder_down_block_types=("ResnetDownsampleBlock2D",) * 2,
+        decoder_up_block_types=("ResnetUpsampleBlock2D",) * 2,
+        decoder_layers_per_block=1,
+        decoder_norm_num_groups=8,
+        sample_size=16,
+    )
+    torch.manual_seed(0)
+    diffusers.ConsistencyDecoderVAE(**tiny).to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    bnb = diffusers.BitsAndBytesConfig(**CONFIGS["nf4"])
+    cls = diffusers.ConsistencyDecoderVAE
+    cls.from_pretrained(
+        tmp_path / "src", quantization_config=bnb, device_map="cpu", torch_dtype=torch.bfloat16
+    ).save_pretrained(tmp_path / "hf")
+    ref = cls.from_pretrained(tmp_path / "hf", device_map="cpu", torch_dtype=torch.bfloat16)
+    ours = qs.load_quantized(tmp_path / "hf")
+    assert ours.means.dtype == ours.stds.dtype == torch.bfloat16
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = ref.decode(z, generator=torch.Generator().manual_seed(1)).sample
+        got = ours.decode(z, generator=torch.Generator().manual_seed(1)).sample
+    assert torch.equal(got, expected)

@@ -83,8 +83,10 @@ def _empty_weights() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def build_skeleton(directory: Path, config: dict[str, Any] | None) -> nn.Module:
-    """An empty model for ``config.json`` through diffusers or transformers."""
+def build_skeleton(directory: Path, config: dict[str, Any] | None, dtype: torch.dtype | None = None) -> nn.Module:
+    """An empty model for ``config.json`` through diffusers or transformers (``dtype``: for
+    diffusers, the default dtype it is built under, as ``from_pretrained(torch_dtype=...)``
+    builds it, so buffers the checkpoint does not hold take it)."""
     if config is None:
         raise ValueError(
             f"{str(directory)!r} has no config.json to build a model from; pass the model skeleton: "
@@ -99,8 +101,14 @@ def build_skeleton(directory: Path, config: dict[str, Any] | None) -> nn.Module:
         if cls is None:
             raise ValueError(f"diffusers has no model class {config['_class_name']!r}")
         init = {k: v for k, v in config.items() if k != "quantization_config"}
-        with _empty_weights():
-            return cls.from_config(init)  # type: ignore[no-any-return]
+        previous = torch.get_default_dtype()
+        try:
+            if dtype is not None:
+                torch.set_default_dtype(dtype)
+            with _empty_weights():
+                return cls.from_config(init)  # type: ignore[no-any-return]
+        finally:
+            torch.set_default_dtype(previous)
     if config.get("architectures"):
         try:
             import transformers
@@ -158,14 +166,14 @@ def load_model(
     path = Path(directory)
     ckpt = open_checkpoint(path, variant=variant, mapped=True)
     state_dict, qconfig, metadata = ckpt.state_dict(), _quantization_config(ckpt, qmap=True), ckpt.metadata
-    if model is None:
-        model = build_skeleton(ckpt.directory, ckpt.config)
     quantizer = None
     if qconfig is not None:
         try:
             quantizer = get_quantizer(qconfig)
         except ValueError as e:  # a quant_method quantsave does not know
             raise CheckpointError(f"checkpoint in {path}: config.json: {e}") from e
+    if model is None:
+        model = build_skeleton(ckpt.directory, ckpt.config, _main_dtype(state_dict, quantizer))
     if family_of(model) is TRANSFORMERS:
         # transformers' own renamings, fused experts and ignore rules, as from_pretrained applies them.
         owners = quantizer.weight_groups(list(state_dict)) if quantizer is not None else {}
@@ -209,6 +217,17 @@ def load_model(
     if torch.device(device).type != "cpu":
         model = model.to(device)
     return model.eval()
+
+
+def _main_dtype(state_dict: dict[str, torch.Tensor], quantizer: Quantizer | None) -> torch.dtype | None:
+    """The float dtype most of the checkpoint's plain (not quantized) values are stored in: what
+    the model was loaded as before it was saved (``torch_dtype``)."""
+    grouped = quantizer.weight_groups(list(state_dict)) if quantizer is not None else {}
+    counts: dict[torch.dtype, int] = {}
+    for key, t in state_dict.items():
+        if key not in grouped and t.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=lambda d: counts[d]) if counts else None
 
 
 def _record_on_config(model: nn.Module, quantizer: Quantizer) -> None:
