@@ -119,6 +119,10 @@ def build_skeleton(directory: Path, config: dict[str, Any] | None, dtype: torch.
         if cls is None:
             raise ValueError(f"transformers has no model class {name!r}")
         init = {k: v for k, v in config.items() if k != "quantization_config"}
+        # As transformers reads config.json: {"__float__": "Infinity"} and the like are floats.
+        decode = getattr(transformers.PreTrainedConfig, "_decode_special_floats", None)
+        if callable(decode):
+            init = decode(init)
         if "model_type" in init:
             hf_config = transformers.AutoConfig.for_model(**init)
         else:
@@ -242,6 +246,12 @@ def _record_on_config(model: nn.Module, quantizer: Quantizer) -> None:
 
             config = AutoQuantizationConfig.from_dict(raw)
             model.config.quantization_config = config  # type: ignore[union-attr]
+            try:  # every PreTrainedModel's config says it is quantized (Jamba's Mamba mixer reads it)
+                from transformers.quantizers.base import _assign_is_quantized
+            except ImportError:
+                pass
+            else:
+                _assign_is_quantized(model)  # type: ignore[no-untyped-call]
         elif family is DIFFUSERS:
             from diffusers.quantizers.auto import DiffusersAutoQuantizer
 
