@@ -161,3 +161,22 @@ def test_conv1d_quantized_in_process(name: str, tmp_path: Path) -> None:
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src")
     qs.save_quantized(qs.quantize(model, qs.BitsAndBytesConfig(**CONFIGS[name])), tmp_path / "qs")
     check_against_reference(tmp_path / "qs", tmp_path / "hf", "model.safetensors.index.json")
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_base_model_checkpoint_into_head_model(name: str, tmp_path: Path) -> None:
+    """A checkpoint saved from the base model (no ``model.`` prefix) loads into the head model
+    (tied output embeddings), the prefix added as from_pretrained adds it: same outputs."""
+    config = transformers.LlamaConfig(
+        **SMALL, intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=True
+    )
+    torch.manual_seed(0)
+    transformers.LlamaModel(config).save_pretrained(tmp_path / "base")
+    bnb = transformers.BitsAndBytesConfig(**CONFIGS[name])
+    base = transformers.LlamaModel.from_pretrained(tmp_path / "base", quantization_config=bnb, device_map="cpu")
+    base.save_pretrained(tmp_path / "hf")
+    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", device_map="cpu")
+    with torch.device("meta"):
+        skeleton = transformers.LlamaForCausalLM(config)
+    loaded = qs.load_quantized(tmp_path / "hf", skeleton)
+    assert torch.equal(_outputs(loaded), _outputs(ref))
