@@ -145,7 +145,12 @@ def _from_pretrained_skeleton(cls: Any, hf_config: Any) -> nn.Module:
     dtype = getattr(torch, name, None) if isinstance(name, str) else name
     if not isinstance(dtype, torch.dtype):
         dtype = torch.get_default_dtype()
+    # As from_pretrained's _get_dtype: the config and its sub-configs record the dtype.
     hf_config.dtype = dtype
+    for key in getattr(hf_config, "sub_configs", None) or {}:
+        sub = getattr(hf_config, key, None)
+        if sub is not None and hasattr(sub, "dtype"):
+            sub.dtype = dtype
     with contextlib.ExitStack() as stack:
         for context in cls.get_init_context(dtype, True, False, None):
             stack.enter_context(context)

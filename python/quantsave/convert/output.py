@@ -302,8 +302,10 @@ def _add_state(
     qt, bs, offset = config.bnb_4bit_quant_type, bnb_layout.BLOCKSIZE, None
     if config.bits == 4 and config.bnb_4bit_use_double_quant:
         raw = _core.absmax_4bit(source.files[file], key, bs, cast=cast, transposed=flip)
-        absmax = torch.frombuffer(bytearray(raw), dtype=torch.float32)
-        offset = absmax.mean().item() if absmax.numel() else float("nan")
+        if raw:
+            offset = torch.frombuffer(bytearray(raw), dtype=torch.float32).mean().item()
+        else:  # an empty weight: torch's mean of nothing
+            offset = float("nan")
     quantized_as = torch_name(cast or dtype)
     state = bnb_layout.quant_state_json(qt, quantized_as, [rows, cols], offset) if config.bits == 4 else b""
     specs = bnb_layout.state_specs(
