@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Fused", "KeyPlan", "apply_plan", "plan_keys", "realize", "saved_layout"]
+from quantsave.errors import CheckpointError
+
+__all__ = ["Fused", "KeyPlan", "apply_plan", "converted_quantized", "plan_keys", "realize", "saved_layout"]
 
 
 @dataclass
@@ -25,6 +27,21 @@ class Fused:
 
     converter: Any
     sources: list[tuple[str, str]] = field(default_factory=list)  # (checkpoint key, source pattern)
+
+
+def converted_quantized(model: nn.Module, grouped: Iterable[str]) -> list[str]:
+    """The tensors of quantized weights (``grouped``: state-dict keys of multi-tensor weights)
+    that one of the model's load-time converters would merge back on save. transformers' save
+    then concatenates quantization states (a checkpoint tensor split into several quantized
+    Linear layers on load, e.g. a fused ``qkv`` or ``in_proj``), and the folder it writes does
+    not load back, so such a save is refused."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if not conversions or not _transformers_model(model):
+        return []
+    from transformers.core_model_loading import WeightConverter, apply_converters
+
+    reversed_ = [r for c in conversions[::-1] if isinstance(r := c.reverse_transform(), WeightConverter)]
+    return [k for k in grouped if apply_converters(k, reversed_)[1] is not None]
 
 
 @dataclass
@@ -135,7 +152,13 @@ def apply_plan(model: nn.Module, plan: KeyPlan, state_dict: dict[str, torch.Tens
     writes the checkpoint's names again."""
     out = {plan.renamed.get(k, k): t for k, t in state_dict.items() if k in plan.renamed or k in plan.unexpected}
     for key, fused in plan.fused.items():
-        out[key] = realize(model, key, fused, state_dict)
+        try:
+            out[key] = realize(model, key, fused, state_dict)
+        except (RuntimeError, ValueError, KeyError) as e:
+            sources = [k for k, _ in fused.sources]
+            raise CheckpointError(
+                f"transformers' conversion of {sources[:3]} into {key!r} fails on these tensors: {e}"
+            ) from e
     if _transformers_model(model):
         model._weight_conversions = list(plan.used)  # type: ignore[assignment]
     return out

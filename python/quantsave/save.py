@@ -27,6 +27,7 @@ from quantsave.checkpoint.writer import (
     write_checksums,
     write_shards,
 )
+from quantsave.conversions import converted_quantized
 from quantsave.errors import NotSerializableError
 from quantsave.families import TRANSFORMERS, Family, family_of, is_pipeline, model_config_files, total_parameters
 
@@ -174,6 +175,15 @@ def _state_dict(
     else:
         state_dict = quantizer.pickle_state_dict(model, family)
     if family is TRANSFORMERS:
+        grouped = quantizer.weight_groups(list(state_dict)) if quantizer is not None else {}
+        merged = converted_quantized(model, grouped)
+        if merged:
+            raise NotSerializableError(
+                f"transformers loaded {len(merged)} quantized tensor(s), e.g. {merged[:2]}, by splitting one "
+                "checkpoint tensor into several quantized Linear layers; saving would concatenate their "
+                "quantization states into a folder no loader reads (transformers' own save_pretrained writes "
+                "that). Nothing was written."
+            )
         state_dict = _transformers_state_dict(model, state_dict)
     return state_dict
 

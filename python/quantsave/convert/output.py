@@ -74,6 +74,13 @@ def model_order(model: nn.Module, family: Family, source: Source) -> SourceOrder
             f"checkpoint in {source.folder} holds {len(plan.unexpected)} tensor(s) the model does not have, "
             f"e.g. {plan.unexpected[:3]}"
         )
+    split = [f.sources[0][0] for f in plan.fused.values() if len(f.converter.target_patterns) > len(f.sources)]
+    if split:
+        raise CheckpointError(
+            f"checkpoint in {source.folder}: transformers splits {len(split)} tensor(s), e.g. {split[:2]}, into "
+            "several parameters on load (a fused qkv or in_proj); convert does not stream such checkpoints (and "
+            "transformers' own quantized save of such a model does not load back)"
+        )
     by_model = {m: k for k, m in plan.renamed.items()}
     provided = set(by_model) | set(plan.fused)
     missing = [k for k in expected if k not in provided and k not in tied]
@@ -172,7 +179,7 @@ def saved_order(
     members: dict[int, list[tuple[str, int]]] = {}
     for name, model_key, storage, nbytes in layout:
         members.setdefault(storage, []).append((name, nbytes))
-        if model_key is None:
+        if model_key is None or model_key in order.plan.fused:
             if name not in fused_sources:
                 raise CheckpointError(
                     f"checkpoint in {source.folder}: transformers saves a fused parameter back as {name!r}, "
@@ -302,10 +309,8 @@ def _add_state(
     qt, bs, offset = config.bnb_4bit_quant_type, bnb_layout.BLOCKSIZE, None
     if config.bits == 4 and config.bnb_4bit_use_double_quant:
         raw = _core.absmax_4bit(source.files[file], key, bs, cast=cast, transposed=flip)
-        if raw:
-            offset = torch.frombuffer(bytearray(raw), dtype=torch.float32).mean().item()
-        else:  # an empty weight: torch's mean of nothing
-            offset = float("nan")
+        # (an empty weight has no absmax: torch's mean of nothing is nan)
+        offset = torch.frombuffer(bytearray(raw), dtype=torch.float32).mean().item() if raw else float("nan")
     quantized_as = torch_name(cast or dtype)
     state = bnb_layout.quant_state_json(qt, quantized_as, [rows, cols], offset) if config.bits == 4 else b""
     specs = bnb_layout.state_specs(
