@@ -69,6 +69,8 @@ def static_targets(source: Source, config: BitsAndBytesConfig, max_shard_size: i
         return None
     if dtype == "float16":  # quantize-on-load upcasts the model's _keep_in_fp32_modules then
         return None
+    if any(isinstance(v, dict) and "model_type" in v for v in cfg.values()):
+        return None  # a composite config: from_pretrained records the dtype in its sub-configs too
     if cfg.get("tie_word_embeddings") is not False and any(k.endswith("lm_head.weight") for k in source.tensors):
         return None
     try:
