@@ -9,6 +9,7 @@ the reference's outputs, and ``save_quantized`` of that model writes the referen
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -180,3 +181,27 @@ def test_base_model_checkpoint_into_head_model(name: str, tmp_path: Path) -> Non
         skeleton = transformers.LlamaForCausalLM(config)
     loaded = qs.load_quantized(tmp_path / "hf", skeleton)
     assert torch.equal(_outputs(loaded), _outputs(ref))
+
+
+def test_split_quantized_layers_are_refused(tmp_path: Path) -> None:
+    """Sarvam-MoE's checkpoint holds one ``query_key_value`` tensor that transformers splits into
+    q/k/v Linear layers on load. Its quantized save concatenates their quantization states (a
+    folder transformers cannot load back), so quantsave refuses to save or convert such a model,
+    writing nothing, and names the problem when asked to load such a folder."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import sweep_models
+
+    torch.manual_seed(0)
+    sweep_models.build_transformers("sarvam_moe").save_pretrained(tmp_path / "src")
+    bnb = transformers.BitsAndBytesConfig(**CONFIGS["nf4-dq"])
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", quantization_config=bnb, device_map="cpu")
+    ref.save_pretrained(tmp_path / "hf")
+    with pytest.raises(Exception, match="conversion"):  # the reference cannot read its own folder
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", device_map="cpu")
+    with pytest.raises(qs.NotSerializableError, match="splitting one checkpoint tensor"):
+        qs.save_quantized(ref, tmp_path / "save")
+    with pytest.raises(qs.CheckpointError, match="splits"):
+        qs.convert(tmp_path / "src", tmp_path / "convert", qs.BitsAndBytesConfig(**CONFIGS["nf4-dq"]))
+    assert not (tmp_path / "save").exists() and not (tmp_path / "convert").exists()
+    with pytest.raises(qs.CheckpointError, match="conversion of"):
+        qs.load_quantized(tmp_path / "hf")
