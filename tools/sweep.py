@@ -175,17 +175,28 @@ def load_reference(case: Case, src: Path) -> Any:
 
 
 def reload_reference(case: Case, folder: Path) -> Any:
-    """The reference's ``from_pretrained`` of its own pre-quantized folder."""
+    """The reference's ``from_pretrained`` of its own pre-quantized folder.
+
+    Raises:
+        ValueError: the reference's own loading report lists keys of its folder it did not load
+            or weights it did not find (its save and load do not round-trip).
+    """
     if case.family == "diffusers":
         diffusers: Any = importlib.import_module("diffusers")
         cls = getattr(diffusers, case.model.split(":")[0])
         with diffusers_bnb_on_cpu():
-            model = cls.from_pretrained(folder, device_map="cpu", torch_dtype=getattr(torch, case.dtype))
+            model, info = cls.from_pretrained(
+                folder, device_map="cpu", torch_dtype=getattr(torch, case.dtype), output_loading_info=True
+            )
     else:
         transformers: Any = importlib.import_module("transformers")
-        model = getattr(transformers, sweep_models.transformers_class(case.model)).from_pretrained(
-            folder, device_map="cpu"
+        model, info = getattr(transformers, sweep_models.transformers_class(case.model)).from_pretrained(
+            folder, device_map="cpu", output_loading_info=True
         )
+    for what in ("unexpected_keys", "missing_keys", "mismatched_keys"):
+        if info.get(what):
+            keys = sorted(map(str, info[what]))
+            raise ValueError(f"its loading report lists {len(keys)} {what.replace('_', ' ')}, e.g. {keys[0]}")
     return model.eval()
 
 
