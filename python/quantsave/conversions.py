@@ -111,6 +111,9 @@ def plan_keys(model: nn.Module, keys: Iterable[str], owners: Mapping[str, str] |
                 continue
         new, pattern = rename(key)
         if new not in expected:
+            if pattern is None and _quantized_state_of(new, expected):
+                plan.renamed[key] = new  # the quantization state of a weight the model has
+                continue
             plan.unexpected.append(key)
         elif pattern is not None:
             fused = plan.fused.setdefault(new, Fused(copy.deepcopy(by_pattern[pattern])))
@@ -133,6 +136,19 @@ def plan_keys(model: nn.Module, keys: Iterable[str], owners: Mapping[str, str] |
         plan.ignored = [k for k in plan.unexpected if k not in info.unexpected_keys]
         plan.unexpected = [k for k in plan.unexpected if k in info.unexpected_keys]
     return plan
+
+
+def _quantized_state_of(key: str, expected: Mapping[str, Any]) -> bool:
+    """True when ``key`` (a model name) is a tensor a quantized weight keeps beside itself: under
+    ``m.weight.`` (bitsandbytes' 4-bit state, quanto's parts) or ``m.SCB`` / ``m.weight_format``
+    (bitsandbytes' int8), for a weight ``m.weight`` the model has."""
+    at = key.find(".weight.")
+    while at != -1:
+        if key[: at + len(".weight")] in expected:
+            return True
+        at = key.find(".weight.", at + 1)
+    module, _, leaf = key.rpartition(".")
+    return leaf in ("SCB", "weight_format") and f"{module}.weight" in expected
 
 
 def realize(model: nn.Module, key: str, fused: Fused, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
