@@ -595,7 +595,7 @@ SAMPLE: list[str] = [
     "model:bert nf4-dq", "model:bert int8 40KB", "model:roberta int8",
     "model:t5 nf4-dq", "model:t5 int8 40KB", "model:bart int8", "t5-encoder nf4-dq",
     "gpt2 nf4-dq", "gpt2 int8",
-    "mamba int8", "jamba int8", "falcon_h1 nf4-dq", "gemma3 nf4-dq", "codegen nf4-dq",
+    "mamba int8", "jamba int8", "falcon_h1 nf4-dq", "gemma3 nf4-dq", "codegen nf4-dq", "inkling2_text nf4-dq",
     "SD3Transformer2DModel nf4-dq", "SD3Transformer2DModel int8 40KB", "FluxTransformer2DModel nf4-dq",
     "FluxTransformer2DModel int8 bf16", "UNet2DModel int8", "UNet2DConditionModel nf4-dq",
     "UNet2DConditionModel:sdxl int8", "AutoencoderKL nf4-dq", "WanTransformer3DModel nf4-dq",
