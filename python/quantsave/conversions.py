@@ -54,11 +54,6 @@ class KeyPlan:
     unexpected: list[str] = field(default_factory=list)  # keys the model has no place for
     used: list[Any] = field(default_factory=list)  # the transforms that matched (the model's _weight_conversions)
 
-    @property
-    def identity(self) -> bool:
-        """No key is renamed, fused or dropped."""
-        return not self.fused and not self.ignored and all(k == v for k, v in self.renamed.items())
-
 
 def _transformers_model(model: nn.Module) -> bool:
     try:

@@ -181,12 +181,13 @@ def load_model(
             quantizer = get_quantizer(qconfig)
         except ValueError as e:  # a quant_method quantsave does not know
             raise CheckpointError(f"checkpoint in {path}: config.json: {e}") from e
+    # Checkpoint key -> its quantized weight's module, for the tensors of multi-tensor weights.
+    grouped = quantizer.weight_groups(list(state_dict)) if quantizer is not None else {}
     if model is None:
-        model = build_skeleton(ckpt.directory, ckpt.config, _main_dtype(state_dict, quantizer))
+        model = build_skeleton(ckpt.directory, ckpt.config, _main_dtype(state_dict, grouped))
     if family_of(model) is TRANSFORMERS:
         # transformers' own renamings, fused experts and ignore rules, as from_pretrained applies them.
-        owners = quantizer.weight_groups(list(state_dict)) if quantizer is not None else {}
-        state_dict = apply_plan(model, plan_keys(model, state_dict, owners), state_dict)
+        state_dict = apply_plan(model, plan_keys(model, state_dict, grouped), state_dict)
     loaded = set(state_dict)
     if quantizer is not None:
         try:
@@ -228,10 +229,9 @@ def load_model(
     return model.eval()
 
 
-def _main_dtype(state_dict: dict[str, torch.Tensor], quantizer: Quantizer | None) -> torch.dtype | None:
-    """The float dtype most of the checkpoint's plain (not quantized) values are stored in: what
-    the model was loaded as before it was saved (``torch_dtype``)."""
-    grouped = quantizer.weight_groups(list(state_dict)) if quantizer is not None else {}
+def _main_dtype(state_dict: dict[str, torch.Tensor], grouped: dict[str, str]) -> torch.dtype | None:
+    """The float dtype most of the checkpoint's plain values (not in ``grouped``, the quantized
+    weights' tensors) are stored in: what the model was loaded as before it was saved."""
     counts: dict[torch.dtype, int] = {}
     for key, t in state_dict.items():
         if key not in grouped and t.dtype in (torch.float32, torch.bfloat16, torch.float16):
