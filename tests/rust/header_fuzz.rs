@@ -700,7 +700,7 @@ impl FieldMut {
                 if let Some(a) = pick(*a) {
                     let (s, e) = m.entries[a].offsets;
                     let start = m.data_len.saturating_add(*k);
-                    m.entries[a].offsets = (start, start.saturating_add(e - s));
+                    m.entries[a].offsets = (start, start.saturating_add(e.abs_diff(s)));
                 }
             }
             FieldMut::DataLen(d) => m.data_len = m.data_len.saturating_add_signed(*d),
@@ -1497,4 +1497,14 @@ fn fuzz_million() {
     println!(
         "  {on_disk} through read_header + map_file on disk; peak heap: {worst_small} bytes for files under 64 KiB, {worst_ratio:.1}x the file above"
     );
+}
+
+/// A shrunk case the generator once panicked on: an inverted span moved out of bounds.
+#[test]
+fn inverted_span_moved_out_of_bounds_is_rejected() {
+    let fields = [FieldMut::Start(5, u64::MAX), FieldMut::OutOfBounds(5, 0)];
+    let case = Case::Fields(sample_model(), fields.to_vec());
+    let (bytes, expect) = case.build();
+    assert!(matches!(expect, Expect::Exactly(None)), "must be rejected");
+    check_bytes(&bytes, &expect, None).unwrap();
 }
