@@ -14,12 +14,13 @@ from quantsave.backends import (
 from quantsave.backends.gguf.file import load_gguf, save_gguf
 from quantsave.checkpoint.writer import SaveResult
 from quantsave.convert.run import convert
-from quantsave.errors import CheckpointError, NotSerializableError
+from quantsave.errors import CheckpointError, DistributedError, NotSerializableError
 from quantsave.quantize import quantize
 
 __all__ = [
     "BitsAndBytesConfig",
     "CheckpointError",
+    "DistributedError",
     "GGUFQuantizationConfig",
     "NotSerializableError",
     "QuantizationConfig",

@@ -4,6 +4,7 @@ import builtins
 import sys
 from collections.abc import Sequence
 from os import PathLike
+from pathlib import Path
 from typing import Any, Literal, TypedDict, final, overload, type_check_only
 
 __all__ = [
@@ -110,7 +111,18 @@ class StreamWriter:
         path: str | PathLike[str],
         tensors: list[tuple[str, str, list[int]]],
         metadata: dict[str, str] | None = None,
+        *,
+        shared: bool = False,
     ) -> StreamWriter: ...
+    @staticmethod
+    def attach(
+        path: str | PathLike[str],
+        temp: str | PathLike[str],
+        tensors: list[tuple[str, str, list[int]]],
+        metadata: dict[str, str] | None = None,
+    ) -> StreamWriter: ...
+    @property
+    def temp_path(self) -> Path | None: ...
     def write(self, name: str, data: Any) -> None: ...
     def missing(self) -> list[str]: ...
     def finish(self, *, fsync: bool = False) -> int: ...

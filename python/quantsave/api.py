@@ -11,12 +11,13 @@ from torch import nn
 from quantsave.backends.config import QuantizationConfig
 from quantsave.checkpoint.checksums import check_checksums
 from quantsave.checkpoint.reader import open_checkpoint
+from quantsave.distributed.group import active_group
 from quantsave.errors import CheckpointError
 from quantsave.families import is_pipeline
 from quantsave.load import load_model
 from quantsave.load import load_state_dict as _load_state_dict
 from quantsave.pipeline import save_pipeline
-from quantsave.save import SaveOptions, SaveResult, save_model
+from quantsave.save import SaveOptions, SaveResult, save_model, save_across_ranks
 
 __all__ = ["save_quantized", "load_quantized", "load_state_dict"]
 
@@ -33,6 +34,7 @@ def save_quantized(
     metadata: dict[str, str] | None = None,
     progress: bool | None = None,
     checksums: bool = False,
+    process_group: Any = None,
 ) -> SaveResult:
     """Saves a quantized (or plain) model as a checkpoint ``from_pretrained`` loads as pre-quantized.
 
@@ -56,16 +58,28 @@ def save_quantized(
             ``checksums.sha256``, checked by ``load_quantized(..., verify=True)`` and
             ``quantsave verify --checksums``; for a pipeline, in each component folder quantsave
             writes.
+        process_group: the ``torch.distributed`` group whose ranks save together (default: the
+            default group, when ``torch.distributed`` is initialized with more than one rank).
+            Every rank of the group makes the same call; parameters may be ``DTensor``s (FSDP2,
+            tensor parallel) or replicated tensors; each tensor is written by one rank and the
+            folder is byte for byte the single-process one. A float model with a bitsandbytes
+            ``quantization_config`` is quantized on the way. Exchanges between ranks time out
+            after ``QUANTSAVE_DIST_TIMEOUT`` seconds (default 600).
 
     Returns:
         A ``SaveResult`` listing the files written, bytes, shards and seconds.
 
     Raises:
         NotSerializableError: the quantization backend cannot be saved (nothing is written).
+        DistributedError: across ranks, another rank failed (it is named), the ranks' calls
+            differ, or a rank stopped answering; nothing is committed.
         ValueError: bad input (meta, sparse or shared tensors, bad names or sizes), before writing.
         OSError: the folder cannot be written; no partial file is left behind.
     """
     options = SaveOptions(quantization_config, safe_serialization, max_shard_size, variant, progress, checksums)
+    group = active_group(process_group)
+    if group is not None:
+        return save_across_ranks(model_or_pipeline, save_directory, options, group, weights_name, metadata)
     if is_pipeline(model_or_pipeline):
         if weights_name is not None or metadata is not None:
             raise ValueError("weights_name and metadata apply to a single model, not to a pipeline")

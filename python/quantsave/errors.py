@@ -1,4 +1,6 @@
-"""The package's exceptions. Both subclass ``ValueError`` so callers can catch the builtin."""
+"""The package's exceptions. ``CheckpointError`` and ``NotSerializableError`` subclass ``ValueError``
+so callers can catch the builtin; ``DistributedError`` (a rank failed or stopped answering) is a
+``RuntimeError``."""
 
 from __future__ import annotations
 
@@ -7,11 +9,16 @@ from typing import Any
 
 from quantsave._core import CheckpointError
 
-__all__ = ["CheckpointError", "NotSerializableError", "json_object"]
+__all__ = ["CheckpointError", "DistributedError", "NotSerializableError", "json_object"]
 
 
 class NotSerializableError(ValueError):
     """The model's quantization backend cannot be written to a checkpoint (nothing was written)."""
+
+
+class DistributedError(RuntimeError):
+    """A save or convert across ranks failed on another rank (named in the message), the ranks
+    disagreed, or a rank stopped answering within the timeout; nothing was committed."""
 
 
 def json_object(text: str | bytes, what: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from quantsave.backends.bitsandbytes import layout as bnb_layout
+from quantsave.backends.modules import plain_type
 
 __all__ = ["FAMILIES", "Family", "dump_json", "family_of", "is_pipeline", "model_config_files", "total_parameters"]
 
@@ -62,13 +63,15 @@ def model_config_files(
     files: dict[str, str] = {}
     if family is DIFFUSERS:
         cfg = json.loads(model.to_json_string())  # type: ignore[operator]
+        # The class name, not that of FSDP2's wrapper class (``FSDPFluxTransformer2DModel``).
+        cfg["_class_name"] = plain_type(model).__name__
         files["config.json"] = dump_json(_with_quant(cfg, quant_dict))
     elif family is TRANSFORMERS:
         # A transformers ``PretrainedConfig``; transformers is optional, so it stays untyped here.
         config: Any = copy.deepcopy(model.config)
         # As transformers' save_pretrained: record the weights dtype and the architecture.
         config.dtype = str(dtype if dtype is not None else model.dtype).split(".")[1]
-        config.architectures = [type(model).__name__.removeprefix("FSDP")]
+        config.architectures = [plain_type(model).__name__]
         for attr in ("quantization_config", "_pre_quantization_dtype"):
             # The caller's dict (or none) takes the config's place; the dtype is never written.
             if attr in config.__dict__:

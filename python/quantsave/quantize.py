@@ -14,7 +14,7 @@ from torch import nn
 from quantsave.backends.bitsandbytes.config import BitsAndBytesConfig
 from quantsave.backends.bitsandbytes.modules import import_bnb, linear_4bit, linear_8bit
 from quantsave.backends.config import resolve_config
-from quantsave.backends.modules import as_linear, is_conv1d, replace_module
+from quantsave.backends.modules import as_linear, is_conv1d, plain_type, replace_module
 from quantsave.backends.quanto.config import QuantoConfig
 from quantsave.backends.registry import record_config
 from quantsave.backends.torchao.config import TorchAoConfig
@@ -39,7 +39,7 @@ def bnb_targets(
     """The names of the Linear layers bitsandbytes quantization replaces, in module order, by the
     rule of the model's library:
 
-    - transformers: ``type(m) is nn.Linear`` unless a ``modules_to_not_convert`` pattern matches;
+    - transformers: ``plain_type(m) is nn.Linear`` unless a ``modules_to_not_convert`` pattern matches;
       the patterns are the config's ``llm_int8_skip_modules`` (or, when it is None, the tied
       weights, the module of the last parameter and the output embeddings) plus the model's
       ``_keep_in_fp32_modules``. GPT-2 style ``Conv1D`` layers are quantized too, as the Linear
@@ -47,7 +47,7 @@ def bnb_targets(
     - diffusers: ``isinstance(m, nn.Linear)`` unless its name is listed, or a listed name equals
       the full name or is followed by a dot inside it (``llm_int8_skip_modules`` plus the model's
       ``_keep_in_fp32_modules``).
-    - other modules: ``type(m) is nn.Linear`` minus the listed names (exact, prefix, suffix or
+    - other modules: ``plain_type(m) is nn.Linear`` minus the listed names (exact, prefix, suffix or
       name part) and the output embeddings when the model has ``get_output_embeddings``.
 
     ``modules_to_not_convert`` adds names to skip in every case.
@@ -62,7 +62,7 @@ def bnb_targets(
         for name, m in model.named_modules():
             if not name or not transformers_should_convert(name, patterns):
                 continue
-            if type(m) is nn.Linear or is_conv1d(m):
+            if plain_type(m) is nn.Linear or is_conv1d(m):
                 names.append(name)
         return names
     if family is DIFFUSERS:
@@ -76,7 +76,7 @@ def bnb_targets(
             and not any(k + "." in name or k == name for k in listed)
         ]
     skip = _skip_list(model, extra, config.llm_int8_skip_modules, skip_output=True)
-    return [name for name, m in model.named_modules() if type(m) is nn.Linear and name and not _skipped(name, skip)]
+    return [name for name, m in model.named_modules() if plain_type(m) is nn.Linear and name and not _skipped(name, skip)]
 
 
 def _transformers_default_skips(model: nn.Module) -> list[str]:
@@ -150,7 +150,7 @@ def _quantize_torchao(model: nn.Module, config: TorchAoConfig, skip: list[str]) 
     quantize_(
         model,
         config.quant_type,
-        filter_fn=lambda m, fqn: type(m) is nn.Linear and bool(fqn) and not _skipped(fqn, skip),
+        filter_fn=lambda m, fqn: plain_type(m) is nn.Linear and bool(fqn) and not _skipped(fqn, skip),
     )
     record_config(model, config)
     return model
@@ -174,7 +174,7 @@ def _quantize_quanto(model: nn.Module, config: QuantoConfig, skip: list[str]) ->
 
     quanto = import_quanto()
     skip = _skip_list(model, skip, config.modules_to_not_convert, skip_output=True)
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n and not _skipped(n, skip)]
+    names = [n for n, m in model.named_modules() if plain_type(m) is nn.Linear and n and not _skipped(n, skip)]
     if names:
         quanto.quantize(model, weights=quanto.qtypes[qtype_name(config.weights_dtype)], include=names)
         quanto.freeze(model)

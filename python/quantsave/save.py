@@ -30,11 +30,14 @@ from quantsave.checkpoint.writer import (
 from quantsave.conversions import converted_quantized
 from quantsave.errors import NotSerializableError
 from quantsave.families import TRANSFORMERS, Family, family_of, is_pipeline, model_config_files, total_parameters
+from quantsave.units import model_units, on_the_way, quantize_unit, quantized_parameters, whole
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["SaveOptions", "SaveResult", "check_serializable", "resolve_quantizer", "save_model"]
+    from quantsave.backends.bitsandbytes.quantizer import BitsAndBytesQuantizer
+
+__all__ = ["SaveOptions", "SaveResult", "check_serializable", "resolve_quantizer", "save_across_ranks", "save_model"]
 
 
 def resolve_quantizer(model: nn.Module, quantization_config: Any) -> Quantizer | None:
@@ -148,6 +151,23 @@ def save_model(
     return result
 
 
+def save_across_ranks(
+    model: nn.Module,
+    save_directory: str | os.PathLike[str],
+    options: SaveOptions,
+    group: Any,
+    weights_name: str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> SaveResult:
+    """Saves one model on every rank of ``group`` (see ``quantsave.distributed.save``)."""
+    from quantsave.distributed.save import save_across_ranks as save
+
+    t0 = time.perf_counter()
+    result = save(model, Path(save_directory), options, group, weights_name=weights_name, metadata=metadata)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
 def _weights_name(
     family: Family, weights_name: str | None, variant: str | None, metadata: Any, safe_serialization: bool
 ) -> str:
@@ -168,7 +188,19 @@ def _weights_name(
 def _state_dict(
     model: nn.Module, family: Family, quantizer: Quantizer | None, safe_serialization: bool
 ) -> dict[str, torch.Tensor]:
-    if quantizer is None:
+    targets = on_the_way(model, quantizer)
+    if targets:
+        # A float model with a bitsandbytes config: its layers quantized on the way, one at a
+        # time, into the state dict ``quantize`` + ``save_quantized`` writes.
+        config = cast("BitsAndBytesQuantizer", quantizer).config
+        state = dict(model.state_dict())
+        state_dict = {}
+        for unit in model_units(model, state, targets, config):
+            if unit.module is None:
+                state_dict[unit.keys[0]] = whole(state[unit.keys[0]])
+            else:
+                state_dict.update(quantize_unit(model, unit, {k: whole(state[k]) for k in unit.sources}, config))
+    elif quantizer is None:
         state_dict = dict(model.state_dict())
     elif safe_serialization:
         state_dict = quantizer.state_dict(model, family)
@@ -213,7 +245,12 @@ def _index_meta(
 ) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     if family is TRANSFORMERS:
-        meta["total_parameters"] = total_parameters(model)
+        targets = on_the_way(model, quantizer)
+        if targets:
+            config = cast("BitsAndBytesQuantizer", quantizer).config
+            meta["total_parameters"] = quantized_parameters(model, targets, config)
+        else:
+            meta["total_parameters"] = total_parameters(model)
     if quantizer is not None and safe_serialization:
         meta.update(quantizer.index_metadata(family))
     return meta

@@ -153,16 +153,47 @@ impl StreamWriter {
 
 #[pymethods]
 impl StreamWriter {
+    /// `shared=True`: other processes fill some tensors (`attach`), so `finish` commits without
+    /// counting bytes.
     #[new]
-    #[pyo3(signature = (path, tensors, metadata=None))]
+    #[pyo3(signature = (path, tensors, metadata=None, *, shared=false))]
     fn new(
         path: PathBuf,
         tensors: Vec<(String, String, Vec<u64>)>,
         metadata: Option<BTreeMap<String, String>>,
+        shared: bool,
     ) -> PyResult<Self> {
         let specs = tensor_specs(tensors)?;
-        let inner = st::StreamWriter::create(&path, &specs, metadata.as_ref())?;
+        let inner = if shared {
+            st::StreamWriter::create_shared(&path, &specs, metadata.as_ref())?
+        } else {
+            st::StreamWriter::create(&path, &specs, metadata.as_ref())?
+        };
         Ok(StreamWriter { inner: Some(inner) })
+    }
+
+    /// Opens the temporary file `temp` that a `shared=True` writer of `path` created (in this
+    /// process or another), with the same tensors and metadata, to write some of its tensors;
+    /// `finish` then only syncs.
+    #[staticmethod]
+    #[pyo3(signature = (path, temp, tensors, metadata=None))]
+    fn attach(
+        path: PathBuf,
+        temp: PathBuf,
+        tensors: Vec<(String, String, Vec<u64>)>,
+        metadata: Option<BTreeMap<String, String>>,
+    ) -> PyResult<Self> {
+        let specs = tensor_specs(tensors)?;
+        let inner = st::StreamWriter::attach(&path, &temp, &specs, metadata.as_ref())?;
+        Ok(StreamWriter { inner: Some(inner) })
+    }
+
+    /// The temporary file being written (None once finished, and for an attached writer).
+    #[getter]
+    fn temp_path(&self) -> Option<PathBuf> {
+        self.inner
+            .as_ref()
+            .and_then(|w| w.temp_path().map(|p| p.to_path_buf()))
     }
 
     /// Writes one tensor's bytes (a contiguous buffer) at its place in the file.

@@ -361,6 +361,11 @@ pub struct StreamWriter {
     /// Bytes written so far per tensor (ranges are written at most once each by callers).
     filled: Vec<AtomicU64>,
     file_size: u64,
+    /// Other writers (other processes, through [`StreamWriter::attach`]) fill some tensors:
+    /// `finish` cannot count their bytes and commits without the completeness check.
+    shared: bool,
+    /// Opened by [`StreamWriter::attach`]: `finish` only syncs, the creator commits.
+    attached: bool,
 }
 
 impl StreamWriter {
@@ -369,6 +374,26 @@ impl StreamWriter {
         path: &Path,
         tensors: &[TensorSpec],
         metadata: Option<&BTreeMap<String, String>>,
+    ) -> Result<Self> {
+        Self::create_with(path, tensors, metadata, false)
+    }
+
+    /// As [`StreamWriter::create`], for a file other processes fill too (each opens the
+    /// temporary file, [`StreamWriter::temp_path`], with [`StreamWriter::attach`]); the caller
+    /// knows every tensor was written (each writer reports success) before calling `finish`.
+    pub fn create_shared(
+        path: &Path,
+        tensors: &[TensorSpec],
+        metadata: Option<&BTreeMap<String, String>>,
+    ) -> Result<Self> {
+        Self::create_with(path, tensors, metadata, true)
+    }
+
+    fn create_with(
+        path: &Path,
+        tensors: &[TensorSpec],
+        metadata: Option<&BTreeMap<String, String>>,
+        shared: bool,
     ) -> Result<Self> {
         let lay = layout_specs(tensors, metadata)
             .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
@@ -395,6 +420,8 @@ impl StreamWriter {
                 .collect::<Result<_>>()?,
             filled: tensors.iter().map(|_| AtomicU64::new(0)).collect(),
             file_size: lay.file_size,
+            shared,
+            attached: false,
         };
         writer
             .file
@@ -403,6 +430,65 @@ impl StreamWriter {
         crate::sys::write_all_at(&writer.file, &lay.header, 0)
             .map_err(|e| Error::io(path, "write", e))?;
         Ok(writer)
+    }
+
+    /// Opens `temp`, the temporary file another writer made with [`StreamWriter::create_shared`]
+    /// for `path`, to fill some of its tensors. The specs and metadata must be the creator's:
+    /// a file whose size or header differs (another plan) is refused. `finish` on this writer
+    /// only syncs; the file is never removed or renamed from here.
+    pub fn attach(
+        path: &Path,
+        temp: &Path,
+        tensors: &[TensorSpec],
+        metadata: Option<&BTreeMap<String, String>>,
+    ) -> Result<Self> {
+        let lay = layout_specs(tensors, metadata)
+            .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(temp)
+            .map_err(|e| Error::io(temp, "open", e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io(temp, "stat", e))?
+            .len();
+        let mut head = vec![0u8; lay.header.len()];
+        if len == lay.file_size {
+            crate::sys::read_exact_at(&file, &mut head, 0)
+                .map_err(|e| Error::io(temp, "read", e))?;
+        }
+        if len != lay.file_size || head != lay.header {
+            return Err(Error::invalid(format!(
+                "{}: the file being written has another layout than this writer's tensors \
+                 (the writers planned different files)",
+                path.display()
+            )));
+        }
+        Ok(StreamWriter {
+            path: path.to_path_buf(),
+            tmp: None,
+            file,
+            index: tensors
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.name.clone(), i))
+                .collect(),
+            offsets: lay.offsets,
+            sizes: tensors
+                .iter()
+                .map(TensorSpec::byte_size)
+                .collect::<Result<_>>()?,
+            filled: tensors.iter().map(|_| AtomicU64::new(0)).collect(),
+            file_size: lay.file_size,
+            shared: true,
+            attached: true,
+        })
+    }
+
+    /// The temporary file being written (None for an attached writer).
+    pub fn temp_path(&self) -> Option<&Path> {
+        self.tmp.as_deref()
     }
 
     /// Writes tensor `name` (its bytes must match its dtype and shape; each tensor once).
@@ -476,7 +562,19 @@ impl StreamWriter {
 
     /// Commits the file (fsync first if asked) once every tensor is written; returns its size.
     pub fn finish(mut self, fsync: bool) -> Result<u64> {
-        let missing = self.missing();
+        if self.attached {
+            if fsync {
+                self.file
+                    .sync_all()
+                    .map_err(|e| Error::io(&self.path, "fsync", e))?;
+            }
+            return Ok(self.file_size);
+        }
+        let missing = if self.shared {
+            Vec::new()
+        } else {
+            self.missing()
+        };
         if !missing.is_empty() {
             return Err(Error::invalid(format!(
                 "{}: {} tensor(s) never written, e.g. {:?}",

@@ -9,7 +9,17 @@ from torch import nn
 
 from quantsave.errors import CheckpointError
 
-__all__ = ["as_linear", "is_conv1d", "linear_at", "replace_module"]
+__all__ = ["as_linear", "is_conv1d", "linear_at", "plain_type", "replace_module"]
+
+
+def plain_type(module: nn.Module) -> type:
+    """The module's class, seen through the class FSDP2's ``fully_shard`` makes for it
+    (``FSDPLinear``, a subclass of ``FSDPModule`` and ``nn.Linear``)."""
+    cls = type(module)
+    bases = cls.__bases__
+    if len(bases) == 2 and bases[0].__name__ == "FSDPModule" and cls.__name__ == "FSDP" + bases[1].__name__:
+        return bases[1]
+    return cls
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -17,7 +17,14 @@ from quantsave import _core
 from quantsave.checkpoint.names import index_file_name, shard_file_names
 from quantsave.checkpoint.tensors import is_wrapper_subclass, subclass_nbytes
 
-__all__ = ["CheckpointPlan", "parse_shard_size", "plan_checkpoint", "storage_units"]
+__all__ = [
+    "CheckpointPlan",
+    "parse_shard_size",
+    "plan_checkpoint",
+    "shared_units",
+    "storage_identity",
+    "storage_units",
+]
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,17 @@ def plan_checkpoint(
     return CheckpointPlan(list(keys), shards, names, total_size, weights_name, variant)
 
 
+def storage_identity(t: torch.Tensor) -> tuple[Any, int]:
+    """A tensor's storage as ``storage_units`` counts it: ``(token, bytes)``. Tensors with the
+    same non-None token share one storage (all empty tensors do); a None token stands alone."""
+    if is_wrapper_subclass(t):
+        return None, subclass_nbytes(t)
+    storage = t.untyped_storage()
+    if t.numel() and not storage.resizable():
+        return None, t.numel() * t.element_size()
+    return (str(t.device), storage.data_ptr(), storage.nbytes()), storage.nbytes()
+
+
 def storage_units(
     keys: list[str], tensors: list[torch.Tensor], groups: dict[str, str]
 ) -> tuple[list[int], list[int | None]]:
@@ -94,6 +112,14 @@ def storage_units(
     each tensor counts its own bytes and stands alone. Tensors of one quantized weight
     (``groups``: key -> group name) are one unit as well.
     """
+    return shared_units(keys, [storage_identity(t) for t in tensors], groups)
+
+
+def shared_units(
+    keys: list[str], identities: list[tuple[Any, int]], groups: dict[str, str]
+) -> tuple[list[int], list[int | None]]:
+    """``storage_units`` from each key's ``storage_identity`` (tokens need only be equal where
+    storages are shared, so a distributed save can name them the same on every rank)."""
     parent = list(range(len(keys)))
 
     def find(i: int) -> int:
@@ -104,21 +130,15 @@ def storage_units(
 
     first_of: dict[Any, int] = {}
     sizes = []
-    for i, (key, t) in enumerate(zip(keys, tensors, strict=True)):
-        if is_wrapper_subclass(t):
-            sizes.append(subclass_nbytes(t))
-            continue
-        storage = t.untyped_storage()
-        if t.numel() and not storage.resizable():
-            sizes.append(t.numel() * t.element_size())
+    for i, (key, (token, size)) in enumerate(zip(keys, identities, strict=True)):
+        if token is None:
+            sizes.append(size)
+        elif ("storage", token) in first_of:
+            parent[find(i)] = find(first_of["storage", token])
+            sizes.append(0)
         else:
-            sid = (t.device, storage.data_ptr(), storage.nbytes())
-            if sid in first_of:
-                parent[find(i)] = find(first_of[sid])
-                sizes.append(0)
-            else:
-                first_of[sid] = i
-                sizes.append(storage.nbytes())
+            first_of["storage", token] = i
+            sizes.append(size)
         if key in groups:
             gid = ("group", groups[key])
             if gid in first_of:

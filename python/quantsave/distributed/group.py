@@ -1,0 +1,176 @@
+"""The ranks of one save or convert: which process group, who owns what, and the few
+collectives that keep the ranks in step (all through ``torch.distributed``; quantsave has no
+transport of its own).
+
+Every step that can fail on one rank runs through ``Ranks.step``: each rank runs it, then all
+ranks exchange the outcome, so a failure anywhere becomes an error on every rank naming the rank
+that failed, and no rank goes on to a collective the others will never reach. The exchanges run
+on a gloo group of the same ranks with quantsave's own timeout, so a rank that dies or stalls
+becomes a ``DistributedError`` within that timeout instead of a hang.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from quantsave.errors import DistributedError
+
+__all__ = ["DEFAULT_TIMEOUT", "Ranks", "active_group", "balance", "digest"]
+
+T = TypeVar("T")
+
+#: Seconds a rank waits for the others at each exchange (``QUANTSAVE_DIST_TIMEOUT`` overrides).
+DEFAULT_TIMEOUT = 600.0
+
+
+def active_group(process_group: Any) -> Any:
+    """The process group a save runs on: ``process_group``, or the default group when
+    ``torch.distributed`` is initialized with more than one rank; None for a one-process save.
+
+    Raises:
+        ValueError: ``process_group`` is given but ``torch.distributed`` is not initialized.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        if process_group is not None:
+            raise ValueError("process_group= needs an initialized torch.distributed (init_process_group)")
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    if dist.get_world_size(group) <= 1:
+        return None
+    return group
+
+
+def digest(value: Any) -> str:
+    """A short stable hash of a JSON-able value (what the ranks compare)."""
+    text = json.dumps(value, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def balance(sizes: list[int], ranks: int) -> list[int]:
+    """The owner rank of each item: each to the least loaded rank so far (by bytes), ties to
+    the lowest rank, in order; the same answer on every rank."""
+    load = [0] * ranks
+    owners = []
+    for size in sizes:
+        r = min(range(ranks), key=lambda i: (load[i], i))
+        owners.append(r)
+        load[r] += max(size, 1)
+    return owners
+
+
+class Ranks:
+    """The ranks of ``group`` for one operation (``what``: ``"save"`` or ``"convert"``)."""
+
+    def __init__(self, group: Any, what: str, timeout: float | None = None) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.group = group
+        self.what = what
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        if timeout is None:
+            timeout = float(os.environ.get("QUANTSAVE_DIST_TIMEOUT", DEFAULT_TIMEOUT))
+        self.timeout = timeout
+        ranks = dist.get_process_group_ranks(group)
+        try:
+            # Only the group's own ranks take part in making it.
+            self.control = dist.new_group(
+                ranks, backend="gloo", timeout=timedelta(seconds=timeout), use_local_synchronization=True
+            )
+        except Exception as e:  # noqa: BLE001 - torch raises several types when a rank is missing
+            raise DistributedError(
+                f"quantsave {what}: could not set up the ranks' exchange ({len(ranks)} ranks): {e}"
+            ) from e
+
+    def close(self) -> None:
+        try:
+            self.dist.destroy_process_group(self.control)
+        except Exception:  # noqa: BLE001 - a broken group cannot always be torn down; nothing to do
+            pass
+
+    # --- exchanges -------------------------------------------------------------------------
+
+    def _lost(self, during: str, e: BaseException) -> DistributedError:
+        return DistributedError(
+            f"quantsave {self.what}: the {self.size} ranks lost contact during {during} (a rank exited, or "
+            f"did not answer within {self.timeout:g} s: QUANTSAVE_DIST_TIMEOUT): {type(e).__name__}: {e}. "
+            "Nothing was committed."
+        )
+
+    def gather(self, value: Any, during: str) -> list[Any]:
+        """Every rank's ``value``, in rank order, on every rank."""
+        out: list[Any] = [None] * self.size
+        try:
+            self.dist.all_gather_object(out, value, group=self.control)
+        except Exception as e:  # noqa: BLE001 - gloo reports a dead or slow peer as several types
+            raise self._lost(during, e) from e
+        return out
+
+    def broadcast(self, value: Any, during: str, src: int = 0) -> Any:
+        """Rank ``src``'s ``value`` (a group rank) on every rank."""
+        box = [value]
+        try:
+            self.dist.broadcast_object_list(
+                box, src=self.dist.get_global_rank(self.group, src), group=self.control
+            )
+        except Exception as e:  # noqa: BLE001 - as in gather
+            raise self._lost(during, e) from e
+        return box[0]
+
+    def step(self, fn: Callable[[], T], during: str) -> T:
+        """Runs ``fn`` on this rank, then checks every rank succeeded: a failure on this rank is
+        re-raised here (noted with the rank), a failure elsewhere raises ``DistributedError``
+        naming that rank; either way on every rank."""
+        error: BaseException | None = None
+        result: Any = None
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - reported to every rank, then re-raised
+            error = e
+        self.check(error, during)
+        return result  # type: ignore[no-any-return]
+
+    def check(self, error: BaseException | None, during: str) -> None:
+        """Exchanges this rank's outcome (``error`` or None) and raises as ``step`` does."""
+        summary = None if error is None else f"{type(error).__name__}: {error}"
+        outcomes = self.gather(summary, during)
+        failed = [(r, s) for r, s in enumerate(outcomes) if s is not None]
+        if not failed:
+            return
+        if error is not None:
+            error.add_note(f"quantsave {self.what}: raised on rank {self.rank} of {self.size} during {during}")
+            raise error
+        r, s = failed[0]
+        others = f" (and rank(s) {[f for f, _ in failed[1:]]})" if len(failed) > 1 else ""
+        raise DistributedError(f"quantsave {self.what}: rank {r}{others} failed during {during}: {s}")
+
+    def agree(self, fields: dict[str, Any], what: str) -> None:
+        """Checks every rank passed the same ``fields`` (compared by digest); the error names the
+        ranks that differ from rank 0 and the fields."""
+        mine = {k: digest(v) for k, v in fields.items()}
+        every = self.gather(mine, f"the check of {what}")
+        bad = {r: sorted(k for k in mine if theirs.get(k) != every[0].get(k)) for r, theirs in enumerate(every)}
+        bad = {r: ks for r, ks in bad.items() if ks}
+        if bad:
+            detail = "; ".join(f"rank {r}: {', '.join(ks)}" for r, ks in sorted(bad.items()))
+            raise DistributedError(
+                f"quantsave {self.what}: the ranks passed different {what} (every rank must make the same "
+                f"call): differs from rank 0 on {detail}. Nothing was written."
+            )
+
+    @contextmanager
+    def collective(self, during: str) -> Iterator[None]:
+        """Turns a failure of a data collective (``DTensor.full_tensor``) into a ``DistributedError``."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - as in gather
+            raise self._lost(during, e) from e
