@@ -17,7 +17,7 @@ from quantsave.families import is_pipeline
 from quantsave.load import load_model
 from quantsave.load import load_state_dict as _load_state_dict
 from quantsave.pipeline import save_pipeline
-from quantsave.save import SaveOptions, SaveResult, save_model, save_across_ranks
+from quantsave.save import SaveOptions, SaveResult, save_across_ranks, save_model
 
 __all__ = ["save_quantized", "load_quantized", "load_state_dict"]
 

@@ -76,7 +76,9 @@ def bnb_targets(
             and not any(k + "." in name or k == name for k in listed)
         ]
     skip = _skip_list(model, extra, config.llm_int8_skip_modules, skip_output=True)
-    return [name for name, m in model.named_modules() if plain_type(m) is nn.Linear and name and not _skipped(name, skip)]
+    return [
+        name for name, m in model.named_modules() if plain_type(m) is nn.Linear and name and not _skipped(name, skip)
+    ]
 
 
 def _transformers_default_skips(model: nn.Module) -> list[str]:

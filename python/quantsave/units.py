@@ -24,7 +24,16 @@ from quantsave.backends.bitsandbytes.modules import linear_4bit, linear_8bit
 from quantsave.backends.modules import is_conv1d
 from quantsave.backends.quantizer import Quantizer
 
-__all__ = ["SaveUnit", "is_dtensor", "model_units", "on_the_way", "quantized_parameters", "whole"]
+__all__ = [
+    "SaveUnit",
+    "give_back_memory",
+    "is_dtensor",
+    "model_units",
+    "on_the_way",
+    "quantize_unit",
+    "quantized_parameters",
+    "whole",
+]
 
 
 @dataclass(frozen=True)
@@ -44,10 +53,34 @@ def is_dtensor(t: Any) -> bool:
 
 def whole(t: torch.Tensor) -> torch.Tensor:
     """The full tensor: a ``DTensor`` gathered (``full_tensor()``, a collective: every rank of
-    its mesh calls it), anything else itself."""
-    if is_dtensor(t):
-        return t.full_tensor()  # type: ignore[attr-defined, no-any-return]
-    return t
+    its mesh calls it) into a storage of its own size, as the parameter of the unsharded model
+    (the gather of uneven shards is a view of a padded buffer), anything else itself."""
+    if not is_dtensor(t):
+        return t
+    full: torch.Tensor = t.full_tensor()  # type: ignore[attr-defined]
+    if not full.is_contiguous() or full.untyped_storage().nbytes() != full.numel() * full.element_size():
+        full = full.clone(memory_format=torch.contiguous_format)
+    return full
+
+
+@cache
+def _malloc_trim() -> Any:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def give_back_memory() -> None:
+    """Returns the heap memory freed so far to the system (glibc ``malloc_trim``; elsewhere
+    nothing). After each gathered tensor a save across ranks frees, so that the freed buffers of
+    one size do not stay in the process as the next ones are allocated (glibc's adaptive mmap
+    threshold serves them from the heap, which it does not shrink by itself)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def on_the_way(model: nn.Module, quantizer: Quantizer | None) -> list[str]:

@@ -66,3 +66,43 @@ def test_incomplete_or_bad_writes_commit_nothing(tmp_path) -> None:  # type: ign
         _core.StreamWriter(target, [("x", "F99", [1])])
     with pytest.raises(FileNotFoundError):
         _core.StreamWriter(tmp_path / "missing" / "m.safetensors", specs)
+
+
+def test_shared_file_filled_by_attached_writers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A save across ranks: one writer creates the file (``shared=True``), others attach to its
+    temporary file and write their tensors; the creator's ``finish`` commits it."""
+    tensors = _tensors()
+    save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    specs = [(k, dtype_name(t.dtype), list(t.shape)) for k, t in tensors.items()]
+    target = tmp_path / "out.safetensors"
+    creator = _core.StreamWriter(target, specs, {"format": "pt"}, shared=True)
+    temp = creator.temp_path
+    assert temp is not None and temp.is_file()
+    names = list(tensors)
+    creator.write(names[0], byte_view(tensors[names[0]]))
+    others = [_core.StreamWriter.attach(target, temp, specs, {"format": "pt"}) for _ in range(2)]
+    for i, k in enumerate(names[1:]):
+        others[i % 2].write(k, byte_view(tensors[k]))
+    assert others[0].temp_path is None
+    for w in others:
+        w.finish()
+        assert not target.exists() and temp.is_file()  # attached writers never commit
+    creator.finish()
+    assert target.read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    assert not temp.exists()
+
+
+def test_attach_refuses_another_layout(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    tensors = _tensors()
+    specs = [(k, dtype_name(t.dtype), list(t.shape)) for k, t in tensors.items()]
+    target = tmp_path / "out.safetensors"
+    creator = _core.StreamWriter(target, specs, {"format": "pt"}, shared=True)
+    other = [*specs[:-1], (specs[-1][0], "F32", [3])]
+    with pytest.raises(ValueError, match="another layout"):
+        _core.StreamWriter.attach(target, creator.temp_path, other, {"format": "pt"})
+    with pytest.raises(ValueError, match="another layout"):
+        _core.StreamWriter.attach(target, creator.temp_path, specs, {"format": "pt", "x": "y"})
+    with pytest.raises(OSError):
+        _core.StreamWriter.attach(target, tmp_path / "missing.tmp", specs)
+    creator.abort()
+    assert list(tmp_path.iterdir()) == []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -66,6 +67,21 @@ def balance(sizes: list[int], ranks: int) -> list[int]:
     return owners
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` (on this host) still runs (a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = open(f"/proc/{pid}/stat", encoding="ascii").read()  # noqa: SIM115 - one read
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
 class Ranks:
     """The ranks of ``group`` for one operation (``what``: ``"save"`` or ``"convert"``)."""
 
@@ -74,6 +90,7 @@ class Ranks:
 
         self.dist = dist
         self.group = group
+        self.control: Any = None
         self.what = what
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
@@ -86,10 +103,14 @@ class Ranks:
             self.control = dist.new_group(
                 ranks, backend="gloo", timeout=timedelta(seconds=timeout), use_local_synchronization=True
             )
-        except Exception as e:  # noqa: BLE001 - torch raises several types when a rank is missing
+        except Exception as e:  # torch raises several types when a rank is missing
             raise DistributedError(
-                f"quantsave {what}: could not set up the ranks' exchange ({len(ranks)} ranks): {e}"
+                f"quantsave {what}: not every one of the group's {len(ranks)} ranks started the {what} within "
+                f"{timeout:g} s (every rank must make the same call; QUANTSAVE_DIST_TIMEOUT sets the wait): "
+                f"{type(e).__name__}: {e}"
             ) from e
+        self.peers: list[tuple[str, int]] = []
+        self.peers = self.gather((socket.gethostname(), os.getpid()), "the start")
 
     def close(self) -> None:
         try:
@@ -100,9 +121,12 @@ class Ranks:
     # --- exchanges -------------------------------------------------------------------------
 
     def _lost(self, during: str, e: BaseException) -> DistributedError:
+        host = socket.gethostname()
+        dead = [r for r, (h, pid) in enumerate(self.peers) if h == host and r != self.rank and not _alive(pid)]
+        who = f"rank(s) {dead} exited" if dead else "a rank exited"
         return DistributedError(
-            f"quantsave {self.what}: the {self.size} ranks lost contact during {during} (a rank exited, or "
-            f"did not answer within {self.timeout:g} s: QUANTSAVE_DIST_TIMEOUT): {type(e).__name__}: {e}. "
+            f"quantsave {self.what}: the {self.size} ranks lost contact during {during} ({who}, or a rank did "
+            f"not answer within {self.timeout:g} s: QUANTSAVE_DIST_TIMEOUT): {type(e).__name__}: {e}. "
             "Nothing was committed."
         )
 
@@ -111,7 +135,7 @@ class Ranks:
         out: list[Any] = [None] * self.size
         try:
             self.dist.all_gather_object(out, value, group=self.control)
-        except Exception as e:  # noqa: BLE001 - gloo reports a dead or slow peer as several types
+        except Exception as e:  # gloo reports a dead or slow peer as several types
             raise self._lost(during, e) from e
         return out
 
@@ -122,7 +146,7 @@ class Ranks:
             self.dist.broadcast_object_list(
                 box, src=self.dist.get_global_rank(self.group, src), group=self.control
             )
-        except Exception as e:  # noqa: BLE001 - as in gather
+        except Exception as e:
             raise self._lost(during, e) from e
         return box[0]
 
@@ -172,5 +196,5 @@ class Ranks:
         """Turns a failure of a data collective (``DTensor.full_tensor``) into a ``DistributedError``."""
         try:
             yield
-        except Exception as e:  # noqa: BLE001 - as in gather
+        except Exception as e:
             raise self._lost(during, e) from e

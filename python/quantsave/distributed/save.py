@@ -26,6 +26,7 @@ import os
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ from quantsave.checkpoint.writer import CheckpointFiles, SaveResult, finish_chec
 from quantsave.distributed.group import Ranks, balance
 from quantsave.errors import NotSerializableError
 from quantsave.families import TRANSFORMERS, Family, family_of, is_pipeline
-from quantsave.units import SaveUnit, is_dtensor, model_units, on_the_way, quantize_unit, whole
+from quantsave.units import SaveUnit, give_back_memory, is_dtensor, model_units, on_the_way, quantize_unit, whole
 
 __all__ = ["SharedFiles", "save_across_ranks"]
 
@@ -139,7 +140,7 @@ def _call_fields(
     to_dict = getattr(config, "to_dict", None)
     return {
         "save_directory": os.path.abspath(directory),
-        "options": opts,
+        **opts,
         "quantization_config": to_dict() if callable(to_dict) else config,
         "weights_name": weights_name,
         "metadata": metadata,
@@ -169,7 +170,7 @@ def _replicated(
     nbytes = [state_dict[k].numel() * state_dict[k].element_size() for k in keys]
     owners = dict(zip(keys, balance(nbytes, ranks.size), strict=True))
     specs = {k: (dtypes[k], list(state_dict[k].shape)) for k in keys}
-    fetch = {k: (lambda t=state_dict[k]: t) for k in keys}
+    fetch: dict[str, Callable[[], torch.Tensor]] = {k: partial(state_dict.__getitem__, k) for k in keys}
     return _Tensors(plan, specs, owners, fetch, files=files)
 
 
@@ -215,9 +216,9 @@ def _final_order(
     )
     try:
         out = _transformers_state_dict(model, dict(stand_ins))
-    except Exception as e:  # noqa: BLE001 - a converter run on stand-ins fails in its own ways
+    except Exception as e:  # a converter run on stand-ins fails in its own ways
         raise refusal from e
-    origin = {}
+    origin: dict[int, list[str]] = {}
     for k, t in stand_ins.items():
         origin.setdefault(id(t), []).append(k)
     order = []
@@ -281,6 +282,8 @@ def _sharded(
         else:
             continue
         if not mine or error is not None:
+            del sources
+            give_back_memory()
             continue
         try:
             out = quantize_unit(model, u, sources, config)
@@ -293,6 +296,7 @@ def _sharded(
         except Exception as e:  # noqa: BLE001 - reported to every rank below
             error = e
         del sources
+        give_back_memory()
     ranks.check(error, "the quantization on the way")
 
     def plain_reports() -> dict[str, tuple[str, list[int], Any, int]]:
@@ -305,7 +309,8 @@ def _sharded(
             (k,) = u.keys
             t = state[k]
             if is_dtensor(t):
-                plain[k] = (dtype_name(t.dtype, f"tensor {k!r}"), list(t.shape), tokens[k], t.numel() * t.element_size())
+                name = dtype_name(t.dtype, f"tensor {k!r}")
+                plain[k] = (name, list(t.shape), tokens[k], t.numel() * t.element_size())
             else:
                 plain[k] = (dtypes[k], list(t.shape), tokens[k], storage_identity(t)[1])
         return plain
@@ -332,9 +337,9 @@ def _sharded(
         src = origin[k]
         if src in quantized:
             # Held by the owner only (the others never fetch it).
-            fetch[k] = lambda src=src: held[src]
+            fetch[k] = partial(held.__getitem__, src)
         else:
-            fetch[k] = lambda t=state[src]: whole(t)
+            fetch[k] = partial(whole, state[src])
             if is_dtensor(state[src]):
                 collective.add(k)
     # (bitsandbytes adds no header metadata of its own, so no state dict is needed here.)
@@ -387,7 +392,7 @@ class SharedFiles:
 
     def commit(self, checksums: bool) -> dict[int, tuple[int, str | None]]:
         """Renames this rank's files into place; their sizes (and sha256 when asked)."""
-        done = {}
+        done: dict[int, tuple[int, str | None]] = {}
         for i, w in sorted(self.created.items()):
             size = w.finish(fsync=fsync_enabled())
             done[i] = (size, None)
@@ -456,6 +461,8 @@ def _write(ranks: Ranks, directory: Path, tensors: _Tensors, options: Any) -> Sa
                 except Exception as e:  # noqa: BLE001 - reported to every rank below
                     error = e
             del t
+            if k in tensors.collective:
+                give_back_memory()
         if error is None:
             try:
                 shared.sync()
