@@ -50,7 +50,10 @@ pub fn run(spec: &ConvertSpec, progress: &AtomicU64) -> Result<Vec<u64>> {
     let writers: Vec<StreamWriter> = spec
         .shards
         .iter()
-        .map(|s| StreamWriter::create(&s.path, &s.tensors, s.metadata.as_ref()))
+        .map(|s| match &s.temp {
+            Some(temp) => StreamWriter::attach(&s.path, temp, &s.tensors, s.metadata.as_ref()),
+            None => StreamWriter::create(&s.path, &s.tensors, s.metadata.as_ref()),
+        })
         .collect::<Result<_>>()?;
     let target = |t: &Target| -> Result<(usize, usize)> {
         let w = writers

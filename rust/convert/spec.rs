@@ -77,6 +77,10 @@ pub struct ShardOut {
     pub path: PathBuf,
     pub tensors: Vec<TensorSpec>,
     pub metadata: Option<BTreeMap<String, String>>,
+    /// The temporary file another writer created for `path` (`StreamWriter::create_shared`):
+    /// this conversion fills its share of it and leaves the commit to that writer. None: the
+    /// conversion creates and commits the file itself.
+    pub temp: Option<PathBuf>,
 }
 
 /// The whole conversion.

@@ -222,8 +222,9 @@ fn cast_repr(src: &Source) -> String {
 }
 
 /// A streaming conversion (see `quantsave::convert`): `Conversion(sources, shards, ops,
-/// chunk_elems, fsync)` with shards as `(path, [(name, dtype, shape)], metadata)` and ops a
-/// list of `ConvertOp`. `run()` works without the GIL; `progress()` (source bytes done) can be
+/// chunk_elems, fsync, temps=None)` with shards as `(path, [(name, dtype, shape)], metadata)`
+/// and ops a list of `ConvertOp`; `temps`, one per shard: the temporary files other writers
+/// created (`StreamWriter(..., shared=True)`), which the ops fill and the creators commit. `run()` works without the GIL; `progress()` (source bytes done) can be
 /// polled meanwhile from another thread.
 #[pyclass(module = "quantsave._core", frozen)]
 struct Conversion {
@@ -242,14 +243,19 @@ type PyShardOut = (
 #[pymethods]
 impl Conversion {
     #[new]
-    #[pyo3(signature = (sources, shards, ops, chunk_elems=1 << 22, fsync=false))]
+    #[pyo3(signature = (sources, shards, ops, chunk_elems=1 << 22, fsync=false, temps=None))]
     fn new(
         sources: Vec<PathBuf>,
         shards: Vec<PyShardOut>,
         ops: Vec<Bound<'_, ConvertOp>>,
         chunk_elems: usize,
         fsync: bool,
+        temps: Option<Vec<PathBuf>>,
     ) -> PyResult<Self> {
+        if temps.as_ref().is_some_and(|t| t.len() != shards.len()) {
+            return Err(PyValueError::new_err("temps must name one file per shard"));
+        }
+        let mut temps = temps.map(Vec::into_iter);
         let shards = shards
             .into_iter()
             .map(|(path, tensors, metadata)| {
@@ -257,6 +263,7 @@ impl Conversion {
                     path,
                     tensors: tensor_specs(tensors)?,
                     metadata,
+                    temp: temps.as_mut().and_then(Iterator::next),
                 })
             })
             .collect::<PyResult<_>>()?;

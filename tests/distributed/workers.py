@@ -85,6 +85,20 @@ CASES: dict[str, tuple[str, str, Any, Any]] = {
 }
 
 
+#: name -> (source folder under the output folder, config, max_shard_size)
+CONVERTS: dict[str, tuple[str, Any, Any]] = {
+    "convert-llama-nf4dq": ("src-llama", NF4_DQ, "40KB"),
+    "convert-llama-int8-one-file": ("src-llama", INT8, None),
+    "convert-sd3-nf4": ("src-sd3", NF4, "15KB"),
+}
+
+
+def write_sources(out: Path) -> None:
+    """The float checkpoints the conversions read, saved by transformers and diffusers."""
+    llama().save_pretrained(out / "src-llama")
+    sd3().save_pretrained(out / "src-sd3")
+
+
 def build(case: str, mesh: Any) -> Any:
     import quantsave
 
@@ -134,6 +148,19 @@ def _attempt(out: Path, name: str, rank: int, model: Any, target: Path, **kw: An
                 trace=traceback.format_exc(), seconds=time.perf_counter() - t0)  # fmt: skip
 
 
+def _attempt_convert(out: Path, name: str, rank: int, src: Path, dst: Path, config: Any, **kw: Any) -> None:
+    """``convert(src, dst, config, **kw)``, its outcome recorded."""
+    import quantsave
+
+    t0 = time.perf_counter()
+    try:
+        result = quantsave.convert(src, dst, config, **kw)
+        _record(out, name, rank, ok=True, files=result.files, seconds=time.perf_counter() - t0)
+    except Exception as e:  # noqa: BLE001 - recorded for the test to check
+        _record(out, name, rank, ok=False, type=type(e).__name__, error=str(e), notes=getattr(e, "__notes__", []),
+                trace=traceback.format_exc(), seconds=time.perf_counter() - t0)  # fmt: skip
+
+
 def run(rank: int, world: int, port: int, scenarios: list[str], out_dir: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -150,6 +177,18 @@ def run(rank: int, world: int, port: int, scenarios: list[str], out_dir: str) ->
             _, sharding, config, shard = CASES[scenario]
             qc = None if sharding == "quantized" else config
             _attempt(out, scenario, rank, model, out / scenario, quantization_config=qc, max_shard_size=shard)
+        elif scenario in CONVERTS:
+            src, config, shard = CONVERTS[scenario]
+            _attempt_convert(out, scenario, rank, out / src, out / scenario, config, max_shard_size=shard)
+        elif scenario == "convert-hidden-src":
+            if rank == 1:
+                from quantsave.convert import model as convert_model
+
+                def hidden(path: Path) -> Any:
+                    raise FileNotFoundError(f"no such file or folder: {str(path)!r}")
+
+                convert_model.read_source = hidden  # type: ignore[assignment]
+            _attempt_convert(out, scenario, rank, out / "src-llama", out / scenario, NF4)
         elif scenario == "mismatch":
             model = fsdp(llama(), mesh)
             shard = "40KB" if rank != 1 else "50KB"

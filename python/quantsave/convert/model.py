@@ -22,6 +22,7 @@ from quantsave.convert.output import (
     output_dtype,
     parameter_count,
     plan_output,
+    planned_across,
     saved_order,
     stored_dtypes,
 )
@@ -59,30 +60,45 @@ def convert_model(
     progress: bool | None,
     checksums: bool = False,
     torch_dtype: torch.dtype | None = None,
+    ranks: Any = None,
 ) -> SaveResult:
     """Converts one model folder (``torch_dtype``: as ``convert``'s, resolved; None is the
-    reference's default, see ``convert.dtypes``)."""
+    reference's default, see ``convert.dtypes``; ``ranks``: a ``distributed.group.Ranks`` sharing
+    the work)."""
     t0 = time.perf_counter()
-    source = read_source(path)
-    if source.config is not None and source.config.get("quantization_config") is not None:
-        method = source.config["quantization_config"].get("quant_method")
-        raise ValueError(f"{str(path)!r} is already quantized ({method})")
-    if dst.resolve() == source.folder.resolve():
-        raise ValueError("dst must differ from the source folder (the source files are read while writing)")
-    if dst.exists() and not dst.is_dir():
-        raise NotADirectoryError(f"dst {str(dst)!r} exists and is not a directory")
+    if ranks is None:
+        source = read_source(path)
+    else:
+        source = ranks.step(lambda: read_source(path), "the reading of the source")
+        # Every rank must read the same files (a shared filesystem).
+        seen = [(str(f.resolve()), f.stat().st_size) for f in source.files]
+        ranks.agree({"source files": seen, "source tensors": sorted(source.tensors.items())}, "sources")
     quantizer = BitsAndBytesQuantizer(config)
 
-    # The static reading answers for checkpoints whose tensors stay as stored (torch_dtype "auto").
-    static = model is None and torch_dtype is None
-    layout = static_targets(source, config, max_shard_size) if static else None
-    if layout is not None:
-        out = plan_output(source, [(k, k) for k in source.tensors], set(layout), config)
-        json_files = static_config_files(source, quantizer)
-        family = TRANSFORMERS
+    def plan() -> tuple[Output, Family, dict[str, str]]:
+        if source.config is not None and source.config.get("quantization_config") is not None:
+            method = source.config["quantization_config"].get("quant_method")
+            raise ValueError(f"{str(path)!r} is already quantized ({method})")
+        if dst.resolve() == source.folder.resolve():
+            raise ValueError("dst must differ from the source folder (the source files are read while writing)")
+        if dst.exists() and not dst.is_dir():
+            raise NotADirectoryError(f"dst {str(dst)!r} exists and is not a directory")
+        # The static reading answers for checkpoints whose tensors stay as stored (torch_dtype "auto").
+        static = model is None and torch_dtype is None
+        layout = static_targets(source, config, max_shard_size) if static else None
+        if layout is not None:
+            out = plan_output(source, [(k, k) for k in source.tensors], set(layout), config)
+            return out, TRANSFORMERS, static_config_files(source, quantizer)
+        return _plan_model(path, source, config, quantizer, model, torch_dtype)
+
+    if ranks is None:
+        out, family, json_files = plan()
     else:
-        out, family, json_files = _plan_model(path, source, config, quantizer, model, torch_dtype)
-    return write_conversion(source, out, family, dst, quantizer, json_files, max_shard_size, progress, checksums, t0)
+        with planned_across(ranks):
+            out, family, json_files = ranks.step(plan, "the planning of the conversion")
+    return write_conversion(
+        source, out, family, dst, quantizer, json_files, max_shard_size, progress, checksums, t0, ranks
+    )
 
 
 def _plan_model(

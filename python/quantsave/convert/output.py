@@ -4,6 +4,9 @@ source's order against the model's; what transformers records (dtype, parameter 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +31,7 @@ __all__ = [
     "output_dtype",
     "parameter_count",
     "plan_output",
+    "planned_across",
     "saved_order",
     "stored_dtypes",
 ]
@@ -238,6 +242,31 @@ def natural_key(name: str) -> list[tuple[Any, ...]]:
     return parts
 
 
+#: The ranks of a conversion across processes, while it plans (see ``planned_across``).
+_RANKS: ContextVar[Any] = ContextVar("quantsave_convert_ranks", default=None)
+
+#: A double-quant offset request: source file, tensor, blocksize, cast, transposed.
+OffsetRequest = tuple[str, str, int, "str | None", bool]
+
+
+@contextmanager
+def planned_across(ranks: Any) -> Iterator[None]:
+    """Plans under ``ranks`` (a ``distributed.group.Ranks``): the double-quant offsets, one pass
+    over each quantized weight, are computed by the ranks in parallel and shared."""
+    token = _RANKS.set(ranks)
+    try:
+        yield
+    finally:
+        _RANKS.reset(token)
+
+
+def _absmax_offset(file: str, key: str, blocksize: int, cast: str | None, flip: bool) -> float:
+    """The double-quant offset of a weight: the mean of its blocks' absmax (one pass in Rust)."""
+    raw = _core.absmax_4bit(file, key, blocksize, cast=cast, transposed=flip)
+    # (an empty weight has no absmax: torch's mean of nothing is nan)
+    return torch.frombuffer(bytearray(raw), dtype=torch.float32).mean().item() if raw else float("nan")
+
+
 def plan_output(
     source: Source,
     pairs: list[tuple[str, str]],
@@ -251,6 +280,38 @@ def plan_output(
     producing it (``pairs``: checkpoint key, model key; ``dtypes``: the casts quantize-on-load
     applies, see ``convert.dtypes``; ``transposed``: target modules whose weight is stored
     ``[in, out]``, GPT-2's ``Conv1D``)."""
+    ranks = _RANKS.get()
+    if ranks is None or not (config.bits == 4 and config.bnb_4bit_use_double_quant):
+        return _plan_output(source, pairs, targets, config, dtypes, transposed, _absmax_offset)
+    from quantsave.distributed.group import balance
+
+    wanted: list[OffsetRequest] = []
+
+    def record(*request: Any) -> float:
+        wanted.append(request)
+        return 0.0
+
+    _plan_output(source, pairs, targets, config, dtypes, transposed, record)
+    owners = balance([_core.dtype_nbytes(*source.tensors[key][1:]) for _, key, *_ in wanted], ranks.size)
+
+    def compute() -> dict[OffsetRequest, float]:
+        return {req: _absmax_offset(*req) for req, o in zip(wanted, owners, strict=True) if o == ranks.rank}
+
+    table: dict[OffsetRequest, float] = {}
+    for part in ranks.gather(ranks.step(compute, "the double-quant offsets"), "the exchange of the offsets"):
+        table.update(part)
+    return _plan_output(source, pairs, targets, config, dtypes, transposed, lambda *req: table[req])
+
+
+def _plan_output(
+    source: Source,
+    pairs: list[tuple[str, str]],
+    targets: set[str],
+    config: BitsAndBytesConfig,
+    dtypes: Dtypes | None,
+    transposed: set[str] | None,
+    offset_of: Callable[..., float],
+) -> Output:
     out = Output()
     dtypes = dtypes or Dtypes()
     transposed = transposed or set()
@@ -275,13 +336,13 @@ def plan_output(
             if bias in models and bias not in out.specs:
                 pending[module] = weight
             else:
-                _add_state(out, add, source, weight, config, dtypes.model)
+                _add_state(out, add, source, weight, config, dtypes.model, offset_of)
             continue
         cast = dtypes.tensors.get(model_key)
         add(model_key, cast or dtype, list(shape))
         out.ops.append(("copy", file, key, model_key, cast))
         if leaf == "bias" and module in pending:
-            _add_state(out, add, source, pending.pop(module), config, dtypes.model)
+            _add_state(out, add, source, pending.pop(module), config, dtypes.model, offset_of)
     return out
 
 
@@ -298,7 +359,13 @@ class _Weight:
 
 
 def _add_state(
-    out: Output, add: Any, source: Source, w: _Weight, config: BitsAndBytesConfig, cast: str | None
+    out: Output,
+    add: Any,
+    source: Source,
+    w: _Weight,
+    config: BitsAndBytesConfig,
+    cast: str | None,
+    offset_of: Callable[..., float],
 ) -> None:
     """The tensors a quantized weight keeps beside itself (``bnb_layout.state_specs``), and the
     op producing them all (``cast``: the dtype the weight is cast to before quantizing, None
@@ -308,9 +375,7 @@ def _add_state(
     cast = cast if cast != dtype else None
     qt, bs, offset = config.bnb_4bit_quant_type, bnb_layout.BLOCKSIZE, None
     if config.bits == 4 and config.bnb_4bit_use_double_quant:
-        raw = _core.absmax_4bit(source.files[file], key, bs, cast=cast, transposed=flip)
-        # (an empty weight has no absmax: torch's mean of nothing is nan)
-        offset = torch.frombuffer(bytearray(raw), dtype=torch.float32).mean().item() if raw else float("nan")
+        offset = offset_of(str(source.files[file]), key, bs, cast, flip)
     quantized_as = torch_name(cast or dtype)
     state = bnb_layout.quant_state_json(qt, quantized_as, [rows, cols], offset) if config.bits == 4 else b""
     specs = bnb_layout.state_specs(

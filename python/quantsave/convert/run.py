@@ -29,6 +29,7 @@ from quantsave.checkpoint.writer import SaveResult
 from quantsave.convert.dtypes import resolve_dtype
 from quantsave.convert.model import bnb_config, convert_model
 from quantsave.convert.pipeline import convert_pipeline
+from quantsave.distributed.group import Ranks, active_group
 
 __all__ = ["convert"]
 
@@ -44,6 +45,7 @@ def convert(
     torch_dtype: Any = None,
     progress: bool | None = None,
     checksums: bool = False,
+    process_group: Any = None,
 ) -> SaveResult:
     """Converts the float checkpoint ``src`` into a pre-quantized checkpoint in ``dst``.
 
@@ -69,6 +71,11 @@ def convert(
         progress: a progress bar (tqdm) over the bytes converted; default: when stderr is a TTY.
         checksums: record each output weights file's sha256 in ``checksums.sha256`` (see
             ``save_quantized``).
+        process_group: the ``torch.distributed`` group whose ranks convert together (default:
+            the default group when ``torch.distributed`` is initialized with more than one
+            rank). Every rank makes the same call on the same shared filesystem; the work (the
+            tensors read, quantized and written) is split by bytes and the output is byte for
+            byte the one-process conversion. One model folder or file (not a pipeline folder).
 
     Returns:
         What was written (for a pipeline, the totals over the converted components).
@@ -78,9 +85,33 @@ def convert(
             ``dst`` equal to the source, or unknown pipeline components.
         CheckpointError: a corrupt source file, or a source that does not match the model.
         FileNotFoundError: no source weights.
+        DistributedError: across ranks, another rank failed (it is named), the ranks' calls
+            or sources differ, or a rank stopped answering; nothing is committed.
     """
     path = Path(src)
     dtype = resolve_dtype(torch_dtype)
+    group = active_group(process_group)
+    if group is not None:
+        if path.is_dir() and (path / "model_index.json").is_file():
+            raise ValueError("a conversion across ranks takes one model; convert a pipeline folder in one process")
+        if components is not None:
+            raise ValueError("components= applies to pipeline folders")
+        ranks = Ranks(group, "convert")
+        try:
+            call = {
+                "src": os.path.abspath(path),
+                "dst": os.path.abspath(dst),
+                "quantization_config": _config_dict(quantization_config),
+                "max_shard_size": max_shard_size,
+                "torch_dtype": str(dtype),
+                "checksums": checksums,
+                "model": None if model is None else type(model).__qualname__,
+            }
+            ranks.agree(call, "arguments")
+            config = ranks.step(lambda: bnb_config(quantization_config), "the checks of the config")
+            return convert_model(path, Path(dst), config, model, max_shard_size, progress, checksums, dtype, ranks)
+        finally:
+            ranks.close()
     if path.is_dir() and (path / "model_index.json").is_file():
         if model is not None:
             raise ValueError("model= applies to one model; a pipeline's components come from their folders")
@@ -91,3 +122,9 @@ def convert(
         raise ValueError(f"components= applies to pipeline folders; {str(path)!r} is not one (no model_index.json)")
     config = bnb_config(quantization_config)
     return convert_model(path, Path(dst), config, model, max_shard_size, progress, checksums, dtype)
+
+
+def _config_dict(config: Any) -> Any:
+    """A config as the ranks compare it."""
+    to_dict = getattr(config, "to_dict", None)
+    return to_dict() if callable(to_dict) else config

@@ -9,11 +9,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from quantsave import _core
 from quantsave.backends.bitsandbytes.quantizer import BitsAndBytesQuantizer
 from quantsave.checkpoint.commit import fsync_enabled, staged_directory
-from quantsave.checkpoint.plan import parse_shard_size, plan_checkpoint
+from quantsave.checkpoint.plan import CheckpointPlan, parse_shard_size, plan_checkpoint
 from quantsave.checkpoint.writer import CheckpointFiles, SaveResult, finish_checkpoint, progress_bar, write_checksums
 from quantsave.convert.output import Output, natural_key
 from quantsave.convert.source import Source
@@ -36,7 +37,10 @@ def write_conversion(
     progress: bool | None,
     checksums: bool,
     t0: float,
+    ranks: Any = None,
 ) -> SaveResult:
+    """Writes the planned conversion into ``dst`` (``ranks``: a ``distributed.group.Ranks`` whose
+    ranks share the work, each running the ops it owns into the shared files)."""
     # transformers saves a from_pretrained model in natural key order (its weight conversions
     # reverted), diffusers in state-dict order.
     # (saved_order puts a converted transformers model's keys in that order already.)
@@ -50,7 +54,9 @@ def write_conversion(
     meta = {"format": "pt"}
     shard_specs = [([(k, *out.specs[k]) for k in names], meta) for _, names in plan.shard_keys()]
     ops: list[_core.ConvertOp] = []
+    op_bytes: list[int] = []
     for op in out.ops:
+        op_bytes.append(len(op[1]) if op[0] == "bytes" else _core.dtype_nbytes(*source.tensors[op[2]][1:]))
         kind = op[0]
         if kind == "copy":
             _, file, name, target, cast = op
@@ -90,6 +96,12 @@ def write_conversion(
                 )
             )
 
+    index_meta = {"total_parameters": out.parameters} if family is TRANSFORMERS else {}
+    files = CheckpointFiles(meta, index_meta, json_files)
+    if ranks is not None:
+        result = _write_across(ranks, source, out, dst, plan, files, ops, op_bytes, progress, checksums)
+        result.seconds = time.perf_counter() - t0
+        return result
     result = SaveResult(directory=dst, files=list(file_names), num_shards=len(plan.shards))
     # Everything is written into a staging folder that replaces `dst` in one atomic step.
     with staged_directory(dst, fsync=fsync_enabled()) as stage:
@@ -106,10 +118,48 @@ def write_conversion(
         if checksums:
             hashes = dict(zip(file_names, _core.sha256_files([str(stage / f) for f in file_names]), strict=True))
         write_checksums(stage, hashes, result)
-        index_meta = {"total_parameters": out.parameters} if family is TRANSFORMERS else {}
-        finish_checkpoint(stage, plan, CheckpointFiles(meta, index_meta, json_files), result)
+        finish_checkpoint(stage, plan, files, result)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _write_across(
+    ranks: Any,
+    source: Source,
+    out: Output,
+    dst: Path,
+    plan: CheckpointPlan,
+    files: CheckpointFiles,
+    ops: list[_core.ConvertOp],
+    op_bytes: list[int],
+    progress: bool | None,
+    checksums: bool,
+) -> SaveResult:
+    """The conversion across ranks: the same plan on every rank (checked), the ops split by the
+    bytes they read, each rank's ``Conversion`` filling the shared files."""
+    from quantsave.distributed.group import balance
+    from quantsave.distributed.save import SharedFiles, write_shared
+
+    ranks.agree({"plan": [plan.keys, plan.shards, plan.file_names, plan.total_size]}, "plans")
+    owners = balance(op_bytes, ranks.size)
+    mine = [op for op, o in zip(ops, owners, strict=True) if o == ranks.rank]
+    total = sum(b for b, o in zip(op_bytes, owners, strict=True) if o == ranks.rank)
+    specs = {k: out.specs[k] for k in plan.keys}
+
+    def fill(shared: SharedFiles) -> None:
+        names, header = plan.file_names, shared.header
+        outputs = [(shared.stage / n, spec, header) for n, spec in zip(names, shared.file_specs, strict=True)]
+        conversion = _core.Conversion(
+            [str(f) for f in source.files],
+            outputs,
+            mine,
+            chunk_elems=CHUNK_ELEMS,
+            fsync=fsync_enabled(),
+            temps=[shared.temps[i] for i in range(len(plan.file_names))],
+        )
+        _run(conversion, progress if ranks.rank == 0 else False, total)
+
+    return write_shared(ranks, dst, plan, specs, files, checksums, fill)
 
 
 def _run(conversion: _core.Conversion, progress: bool | None, total: int) -> list[int]:

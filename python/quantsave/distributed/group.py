@@ -130,25 +130,37 @@ class Ranks:
             "Nothing was committed."
         )
 
-    def gather(self, value: Any, during: str) -> list[Any]:
-        """Every rank's ``value``, in rank order, on every rank."""
+    def gather(self, value: Any, during: str, *, outcome: bool = False) -> list[Any]:
+        """Every rank's ``value``, in rank order, on every rank. Each value travels with the
+        step it belongs to, so ranks that got out of step (one failed before an exchange the
+        others are in) raise instead of taking each other's values; a rank that reported a
+        failure is named."""
         out: list[Any] = [None] * self.size
         try:
-            self.dist.all_gather_object(out, value, group=self.control)
+            self.dist.all_gather_object(out, (during, outcome, value), group=self.control)
         except Exception as e:  # gloo reports a dead or slow peer as several types
             raise self._lost(during, e) from e
-        return out
+        if all(label == during and kind == outcome for label, kind, _ in out):
+            return [v for _, _, v in out]
+        for r, (label, kind, v) in enumerate(out):
+            if kind and v is not None:
+                raise DistributedError(f"quantsave {self.what}: rank {r} failed during {label}: {v}")
+        steps = "; ".join(f"rank {r}: {label}" for r, (label, _, _) in enumerate(out))
+        raise DistributedError(f"quantsave {self.what}: the ranks are out of step ({steps}). Nothing was committed.")
 
     def broadcast(self, value: Any, during: str, src: int = 0) -> Any:
         """Rank ``src``'s ``value`` (a group rank) on every rank."""
-        box = [value]
+        box = [(during, value)]
         try:
-            self.dist.broadcast_object_list(
-                box, src=self.dist.get_global_rank(self.group, src), group=self.control
-            )
-        except Exception as e:
+            self.dist.broadcast_object_list(box, src=self.dist.get_global_rank(self.group, src), group=self.control)
+        except Exception as e:  # as in gather
             raise self._lost(during, e) from e
-        return box[0]
+        label, got = box[0]
+        if label != during:
+            raise DistributedError(
+                f"quantsave {self.what}: the ranks are out of step (rank {src}: {label}; rank {self.rank}: {during})"
+            )
+        return got
 
     def step(self, fn: Callable[[], T], during: str) -> T:
         """Runs ``fn`` on this rank, then checks every rank succeeded: a failure on this rank is
@@ -158,6 +170,9 @@ class Ranks:
         result: Any = None
         try:
             result = fn()
+        except DistributedError:
+            # From an exchange inside ``fn``: the other ranks learned of it there too.
+            raise
         except Exception as e:  # noqa: BLE001 - reported to every rank, then re-raised
             error = e
         self.check(error, during)
@@ -166,7 +181,12 @@ class Ranks:
     def check(self, error: BaseException | None, during: str) -> None:
         """Exchanges this rank's outcome (``error`` or None) and raises as ``step`` does."""
         summary = None if error is None else f"{type(error).__name__}: {error}"
-        outcomes = self.gather(summary, during)
+        try:
+            outcomes = self.gather(summary, during, outcome=True)
+        except DistributedError:
+            if error is None:
+                raise
+            outcomes = [summary]
         failed = [(r, s) for r, s in enumerate(outcomes) if s is not None]
         if not failed:
             return
@@ -196,5 +216,5 @@ class Ranks:
         """Turns a failure of a data collective (``DTensor.full_tensor``) into a ``DistributedError``."""
         try:
             yield
-        except Exception as e:
+        except Exception as e:  # as in gather
             raise self._lost(during, e) from e

@@ -52,7 +52,7 @@ from quantsave.errors import NotSerializableError
 from quantsave.families import TRANSFORMERS, Family, family_of, is_pipeline
 from quantsave.units import SaveUnit, give_back_memory, is_dtensor, model_units, on_the_way, quantize_unit, whole
 
-__all__ = ["SharedFiles", "save_across_ranks"]
+__all__ = ["SharedFiles", "save_across_ranks", "write_shared"]
 
 
 @dataclass
@@ -411,8 +411,51 @@ class SharedFiles:
 
 
 def _write(ranks: Ranks, directory: Path, tensors: _Tensors, options: Any) -> SaveResult:
-    plan, files = tensors.plan, tensors.files
-    assert files is not None
+    assert tensors.files is not None
+    plan = tensors.plan
+    shard_of = {k: i for i, (_, names) in enumerate(plan.shard_keys()) for k in names}
+
+    def fill(shared: SharedFiles) -> None:
+        # Every rank walks the plan in order, taking part in each gather of a sharded tensor;
+        # a rank that failed keeps taking part (so no rank waits in vain) and reports after.
+        error: BaseException | None = None
+        for k in plan.keys:
+            mine = tensors.owners[k] == ranks.rank
+            if k in tensors.collective:
+                with ranks.collective(f"the gathering of {k!r}"):
+                    t = tensors.fetch[k]()
+            elif mine and error is None:
+                t = tensors.fetch[k]()
+            else:
+                continue
+            if mine and error is None:
+                try:
+                    shared.writer(shard_of[k]).write(k, byte_view(t))
+                except Exception as e:  # noqa: BLE001 - reported to every rank below
+                    error = e
+            del t
+            if k in tensors.collective:
+                give_back_memory()
+        if error is not None:
+            raise error
+        shared.sync()
+
+    return write_shared(ranks, directory, plan, tensors.specs, tensors.files, options.checksums, fill)
+
+
+def write_shared(
+    ranks: Ranks,
+    directory: Path,
+    plan: CheckpointPlan,
+    specs: dict[str, tuple[str, list[int]]],
+    files: CheckpointFiles,
+    checksums: bool,
+    fill: Callable[[SharedFiles], None],
+) -> SaveResult:
+    """Writes ``plan`` into ``directory`` with every rank: rank 0 stages the folder (checked
+    visible to all), the shard files are created, ``fill`` writes this rank's share, the
+    creators complete their files, rank 0 writes checksums, index and config files and commits.
+    A failure anywhere, before the commit, leaves ``directory`` as it was on every rank."""
     result = SaveResult(directory=directory, num_shards=len(plan.shards))
     with ExitStack() as stack:
         marker = f".ranks.{os.getpid()}-{os.urandom(4).hex()}.quantsave.tmp"
@@ -433,43 +476,18 @@ def _write(ranks: Ranks, directory: Path, tensors: _Tensors, options: Any) -> Sa
                 seen = (stage / marker).read_text(encoding="utf-8")
             except OSError as e:
                 raise FileNotFoundError(
-                    f"cannot see the staging folder {stage} that rank 0 created: save_directory must be on a "
+                    f"cannot see the staging folder {stage} that rank 0 created: the output folder must be on a "
                     f"filesystem every rank shares ({e.strerror})"
                 ) from e
             if seen != marker:
                 raise FileNotFoundError(f"the staging folder {stage} holds another save's files")
 
         ranks.step(see_stage, "the check that every rank sees the folder")
-        shared = SharedFiles(ranks, stage, plan, tensors.specs, files.header_metadata)
+        shared = SharedFiles(ranks, stage, plan, specs, files.header_metadata)
         stack.callback(shared.abort)
         shared.create()
-
-        error: BaseException | None = None
-        shard_of = {k: i for i, (_, names) in enumerate(plan.shard_keys()) for k in names}
-        for k in plan.keys:
-            mine = tensors.owners[k] == ranks.rank
-            if k in tensors.collective:
-                with ranks.collective(f"the gathering of {k!r}"):
-                    t = tensors.fetch[k]()
-            elif mine and error is None:
-                t = tensors.fetch[k]()
-            else:
-                continue
-            if mine and error is None:
-                try:
-                    shared.writer(shard_of[k]).write(k, byte_view(t))
-                except Exception as e:  # noqa: BLE001 - reported to every rank below
-                    error = e
-            del t
-            if k in tensors.collective:
-                give_back_memory()
-        if error is None:
-            try:
-                shared.sync()
-            except Exception as e:  # noqa: BLE001 - as above
-                error = e
-        ranks.check(error, "the writing of the tensors")
-        done = ranks.step(lambda: shared.commit(options.checksums), "the completion of the shard files")
+        ranks.step(lambda: fill(shared), "the writing of the tensors")
+        done = ranks.step(lambda: shared.commit(checksums), "the completion of the shard files")
         every: dict[int, tuple[int, str | None]] = {}
         for part in ranks.gather(done, "the exchange of the file sizes"):
             every.update(part)
@@ -479,7 +497,7 @@ def _write(ranks: Ranks, directory: Path, tensors: _Tensors, options: Any) -> Sa
         def finish() -> list[str]:
             if ranks.rank == 0:
                 (stage / marker).unlink(missing_ok=True)
-                hashes = {plan.file_names[i]: h for i, (_, h) in every.items()} if options.checksums else None
+                hashes = {plan.file_names[i]: h for i, (_, h) in every.items()} if checksums else None
                 write_checksums(stage, hashes, result)  # type: ignore[arg-type]
                 finish_checkpoint(stage, plan, files, result)
                 stack.close()  # the commit
