@@ -1,0 +1,112 @@
+"""Conversion across ranks: ``quantsave.convert`` on one process against the same call on 2
+ranks (``torch.multiprocessing``, gloo, this machine's cores split between them), each timed
+inside the process from the call to its return after a warm-up conversion (process start and
+imports excluded), medians of several runs. The output
+folders are checked byte-identical.
+
+Builds a bf16 Llama-shaped checkpoint (hidden 2048, the layers given) in 1 GB shards.
+
+Usage: python benches/distributed_convert.py [--layers 8] [--runs 3] [--dir /tmp/qs-dist] [--config nf4-dq]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+CONFIGS = {
+    "nf4-dq": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+               "bnb_4bit_use_double_quant": True},
+    "int8": {"quant_method": "bitsandbytes", "load_in_8bit": True},
+}  # fmt: skip
+
+
+def build(folder: Path, layers: int) -> None:
+    import transformers
+
+    if (folder / "config.json").is_file():
+        return
+    config = transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False, dtype="bfloat16",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder, max_shard_size="1GB")
+
+
+def _rank(rank: int, world: int, port: int, src: str, dst: str, config: str, out: str) -> None:
+    import torch.distributed as dist
+
+    import quantsave
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=600))
+    # A first conversion pays the imports and caches, as the one-process run's warm-up does.
+    quantsave.convert(src, Path(dst).parent / f"warm-{world}", CONFIGS[config], max_shard_size="200MB")
+    dist.barrier()
+    t0 = time.perf_counter()
+    quantsave.convert(src, dst, CONFIGS[config], max_shard_size="200MB")
+    seconds = time.perf_counter() - t0
+    if rank == 0:
+        Path(out).write_text(str(seconds))
+    dist.destroy_process_group()
+
+
+def run(world: int, src: Path, dst: Path, config: str) -> float:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = dst.parent / f"seconds-{world}.txt"
+    if world == 1:
+        import quantsave
+
+        quantsave.convert(src, dst.parent / "warm", CONFIGS[config], max_shard_size="200MB")  # imports, caches
+        t0 = time.perf_counter()
+        quantsave.convert(src, dst, CONFIGS[config], max_shard_size="200MB")
+        return time.perf_counter() - t0
+    # Each rank gets its share of the cores (the one process uses them all).
+    os.environ["QUANTSAVE_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // world))
+    mp.start_processes(_rank, args=(world, port, str(src), str(dst), config, str(out)), nprocs=world,
+                       start_method="spawn")  # fmt: skip
+    return float(out.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dir", default="/tmp/qs-dist")
+    ap.add_argument("--config", choices=list(CONFIGS), default="nf4-dq")
+    args = ap.parse_args()
+    root = Path(args.dir)
+    src = root / f"llama-{args.layers}"
+    build(src, args.layers)
+    size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    times: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(args.runs):
+        for world in (1, 2):
+            times[world].append(run(world, src, root / f"out-{world}", args.config))
+    a, b = root / "out-1", root / "out-2"
+    same = sorted(os.listdir(a)) == sorted(os.listdir(b)) and all(
+        (a / f).read_bytes() == (b / f).read_bytes() for f in os.listdir(a)
+    )
+    one, two = statistics.median(times[1]), statistics.median(times[2])
+    print(f"{size / 1e9:.2f} GB bf16 checkpoint, {args.config}, {os.cpu_count()} CPUs, medians of {args.runs}")
+    print(f"1 process: {one:.2f} s   2 ranks: {two:.2f} s   speedup: {one / two:.2f}x (target ~2x)")
+    print(f"outputs byte-identical: {same}")
+    if not same:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
