@@ -395,7 +395,7 @@ impl StreamWriter {
         metadata: Option<&BTreeMap<String, String>>,
         shared: bool,
     ) -> Result<Self> {
-        let lay = layout_specs(tensors, metadata)
+        let mut lay = layout_specs(tensors, metadata)
             .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
         let tmp = temp_path_for(path);
         let file = OpenOptions::new()
@@ -404,30 +404,14 @@ impl StreamWriter {
             .create_new(true)
             .open(&tmp)
             .map_err(|e| Error::io(path, "create", e))?;
-        let writer = StreamWriter {
-            path: path.to_path_buf(),
-            tmp: Some(tmp),
-            file,
-            index: tensors
-                .iter()
-                .enumerate()
-                .map(|(i, t)| (t.name.clone(), i))
-                .collect(),
-            offsets: lay.offsets,
-            sizes: tensors
-                .iter()
-                .map(TensorSpec::byte_size)
-                .collect::<Result<_>>()?,
-            filled: tensors.iter().map(|_| AtomicU64::new(0)).collect(),
-            file_size: lay.file_size,
-            shared,
-            attached: false,
-        };
+        // The header is written once the writer exists (so a failure removes the file).
+        let (header, file_size) = (std::mem::take(&mut lay.header), lay.file_size);
+        let writer = Self::with_layout(path, Some(tmp), file, tensors, lay, shared, false)?;
         writer
             .file
-            .set_len(lay.file_size)
+            .set_len(file_size)
             .map_err(|e| Error::io(path, "allocate", e))?;
-        crate::sys::write_all_at(&writer.file, &lay.header, 0)
+        crate::sys::write_all_at(&writer.file, &header, 0)
             .map_err(|e| Error::io(path, "write", e))?;
         Ok(writer)
     }
@@ -465,9 +449,22 @@ impl StreamWriter {
                 path.display()
             )));
         }
+        Self::with_layout(path, None, file, tensors, lay, true, true)
+    }
+
+    /// The writer of an opened file laid out as `lay` for `tensors`.
+    fn with_layout(
+        path: &Path,
+        tmp: Option<PathBuf>,
+        file: File,
+        tensors: &[TensorSpec],
+        lay: Layout,
+        shared: bool,
+        attached: bool,
+    ) -> Result<Self> {
         Ok(StreamWriter {
             path: path.to_path_buf(),
-            tmp: None,
+            tmp,
             file,
             index: tensors
                 .iter()
@@ -481,8 +478,8 @@ impl StreamWriter {
                 .collect::<Result<_>>()?,
             filled: tensors.iter().map(|_| AtomicU64::new(0)).collect(),
             file_size: lay.file_size,
-            shared: true,
-            attached: true,
+            shared,
+            attached,
         })
     }
 
