@@ -231,8 +231,8 @@ struct MappedFile {
     path: PathBuf,
     ptr: usize,
     len: usize,
-    // Owns the mapping that `ptr`/`len` describe; never touched again after construction.
-    _map: memmap2::MmapMut,
+    // Owns the mapping that `ptr`/`len` describe; only `release` uses it after construction.
+    map: memmap2::MmapMut,
 }
 
 #[pymethods]
@@ -247,7 +247,7 @@ impl MappedFile {
             path: mf.path,
             ptr,
             len,
-            _map: mf.map,
+            map: mf.map,
         })
     }
 
@@ -263,6 +263,29 @@ impl MappedFile {
 
     fn __len__(&self) -> usize {
         self.len
+    }
+
+    /// Drops this process's copy of the whole pages inside bytes `start..end` (a hint: the
+    /// file's page cache keeps them, and a later read faults them in again from the file), so
+    /// a pass over a large mapping stays bounded in memory. Bytes written into the range through
+    /// the buffer are lost (the mapping is private): release only ranges that were only read.
+    fn release(&self, start: usize, end: usize) -> PyResult<()> {
+        if start > end || end > self.len {
+            return Err(PyValueError::new_err(format!(
+                "release range {start}..{end} is outside the mapping (0..{})",
+                self.len
+            )));
+        }
+        let page = 4096usize;
+        let lo = start.div_ceil(page) * page;
+        let hi = (end / page) * page;
+        if hi > lo {
+            // SAFETY: `lo..hi` lies inside the private mapping `map` owns; Rust never holds a
+            // slice into it, and the caller's contract (documented) is that the range was only
+            // read, so dropping the pages makes later reads see the file's unchanged contents.
+            unsafe { crate::sys::release_pages(&self.map, lo, hi - lo) }
+        }
+        Ok(())
     }
 
     /// # Safety

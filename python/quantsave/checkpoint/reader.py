@@ -64,6 +64,10 @@ class Checkpoint:
     problems: list[str] = field(default_factory=list)
     _maps: dict[Path, Any] = field(default_factory=dict, repr=False)
 
+    def mapped_file(self, path: Path) -> Any:
+        """The ``_core.MappedFile`` that ``state_dict`` mapped ``path`` with (None before)."""
+        return self._maps.get(path)
+
     def read_bytes(self, name: str) -> bytes:
         """The bytes of tensor ``name``, through the Rust reader's validated map."""
         info = self.tensors[name]

@@ -16,6 +16,7 @@ from quantsave.backends.config import resolve_config
 from quantsave.backends.modules import is_conv1d
 from quantsave.checkpoint.writer import SaveResult
 from quantsave.convert.dtypes import tensor_dtypes
+from quantsave.convert.lora import LoraMerge
 from quantsave.convert.output import (
     Output,
     model_order,
@@ -26,6 +27,7 @@ from quantsave.convert.output import (
     saved_order,
     stored_dtypes,
 )
+from quantsave.convert.single_file import read_single_file
 from quantsave.convert.source import Source, read_source, static_config_files, static_targets
 from quantsave.convert.write import write_conversion
 from quantsave.errors import CheckpointError
@@ -61,15 +63,27 @@ def convert_model(
     checksums: bool = False,
     torch_dtype: torch.dtype | None = None,
     ranks: Any = None,
+    lora: LoraMerge | None = None,
+    single_file: tuple[str | type, Any] | None = None,
 ) -> SaveResult:
     """Converts one model folder (``torch_dtype``: as ``convert``'s, resolved; None is the
     reference's default, see ``convert.dtypes``; ``ranks``: a ``distributed.group.Ranks`` sharing
-    the work)."""
+    the work; ``lora``: the adapters merged on the way, see ``convert.lora``; ``single_file``:
+    ``(model_class, model_config)`` for an original single file, see ``convert.single_file``)."""
     t0 = time.perf_counter()
+    named = single_file is None
+
+    def read() -> Source:
+        nonlocal model
+        if single_file is not None:
+            source, model = read_single_file(path, *single_file)
+            return source
+        return read_source(path)
+
     if ranks is None:
-        source = read_source(path)
+        source = read()
     else:
-        source = ranks.step(lambda: read_source(path), "the reading of the source")
+        source = ranks.step(read, "the reading of the source")
         # Every rank must read the same files (a shared filesystem).
         seen = [(str(f.resolve()), f.stat().st_size) for f in source.files]
         ranks.agree({"source files": seen, "source tensors": sorted(source.tensors.items())}, "sources")
@@ -84,12 +98,12 @@ def convert_model(
         if dst.exists() and not dst.is_dir():
             raise NotADirectoryError(f"dst {str(dst)!r} exists and is not a directory")
         # The static reading answers for checkpoints whose tensors stay as stored (torch_dtype "auto").
-        static = model is None and torch_dtype is None
+        static = model is None and torch_dtype is None and lora is None and single_file is None
         layout = static_targets(source, config, max_shard_size) if static else None
         if layout is not None:
             out = plan_output(source, [(k, k) for k in source.tensors], set(layout), config)
             return out, TRANSFORMERS, static_config_files(source, quantizer)
-        return _plan_model(path, source, config, quantizer, model, torch_dtype)
+        return _plan_model(path, source, config, quantizer, model, torch_dtype, named, lora)
 
     if ranks is None:
         out, family, json_files = plan()
@@ -108,14 +122,17 @@ def _plan_model(
     quantizer: BitsAndBytesQuantizer,
     model: nn.Module | None,
     torch_dtype: torch.dtype | None,
+    named: bool = True,
+    lora: LoraMerge | None = None,
 ) -> tuple[Output, Family, dict[str, str]]:
     """The output planned from the model (the one passed in, or a meta skeleton for the source's
     config): its names for the checkpoint's tensors, its quantized Linear layers, its config files."""
     if model is None:
         model = build_skeleton(source.folder, source.config)
     family = family_of(model)
-    if family is DIFFUSERS and "_name_or_path" not in model.config:  # type: ignore[operator]
-        # diffusers' from_pretrained records the source, and save_pretrained writes it.
+    if named and family is DIFFUSERS and "_name_or_path" not in model.config:  # type: ignore[operator]
+        # diffusers' from_pretrained records the source, and save_pretrained writes it
+        # (from_single_file does not).
         model.register_to_config(_name_or_path=str(path))  # type: ignore[operator]
     order = model_order(model, family, source)
     provided = order.model_keys
@@ -133,6 +150,9 @@ def _plan_model(
         model, family, quantizer.config_dict(family), dtype=output_dtype(model, written, targets)
     )
     conv1d = {t for t in targets if is_conv1d(model.get_submodule(t))}
+    if lora is not None:
+        flipped = {n for n, m in model.named_modules() if is_conv1d(m)}
+        lora.apply(source, model, family is DIFFUSERS, order.model_keys, config, flipped)
     out = plan_output(source, order.pairs, targets, config, dtypes, conv1d)
     if family is TRANSFORMERS:
         out.parameters = parameter_count(model, targets, config)

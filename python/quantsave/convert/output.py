@@ -19,6 +19,7 @@ from quantsave.backends.bitsandbytes.config import BitsAndBytesConfig
 from quantsave.checkpoint.tensors import NAME_TO_DTYPE
 from quantsave.conversions import KeyPlan, plan_keys, realize, saved_layout
 from quantsave.convert.dtypes import Dtypes
+from quantsave.convert.made import made_offset
 from quantsave.convert.source import FLOATS, Source, torch_name
 from quantsave.errors import CheckpointError
 from quantsave.families import TRANSFORMERS, Family
@@ -281,8 +282,14 @@ def plan_output(
     applies, see ``convert.dtypes``; ``transposed``: target modules whose weight is stored
     ``[in, out]``, GPT-2's ``Conv1D``)."""
     ranks = _RANKS.get()
+
+    def offset_of(file: str, key: str, blocksize: int, cast: str | None, flip: bool) -> float:
+        if key in source.derived:
+            return made_offset(source, key, blocksize, cast, flip)
+        return _absmax_offset(file, source.names.get(key, key), blocksize, cast, flip)
+
     if ranks is None or not (config.bits == 4 and config.bnb_4bit_use_double_quant):
-        return _plan_output(source, pairs, targets, config, dtypes, transposed, _absmax_offset)
+        return _plan_output(source, pairs, targets, config, dtypes, transposed, offset_of)
     from quantsave.distributed.group import balance
 
     wanted: list[OffsetRequest] = []
@@ -295,7 +302,7 @@ def plan_output(
     owners = balance([_core.dtype_nbytes(*source.tensors[key][1:]) for _, key, *_ in wanted], ranks.size)
 
     def compute() -> dict[OffsetRequest, float]:
-        return {req: _absmax_offset(*req) for req, o in zip(wanted, owners, strict=True) if o == ranks.rank}
+        return {req: offset_of(*req) for req, o in zip(wanted, owners, strict=True) if o == ranks.rank}
 
     table: dict[OffsetRequest, float] = {}
     for part in ranks.gather(ranks.step(compute, "the double-quant offsets"), "the exchange of the offsets"):

@@ -20,6 +20,7 @@ Which tensors are Linear weights comes from, in order of preference:
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from torch import nn
 
 from quantsave.checkpoint.writer import SaveResult
 from quantsave.convert.dtypes import resolve_dtype
+from quantsave.convert.lora import LoraSpec, lora_merge_of
 from quantsave.convert.model import bnb_config, convert_model
 from quantsave.convert.pipeline import convert_pipeline
 from quantsave.distributed.group import Ranks, active_group
@@ -46,6 +48,10 @@ def convert(
     progress: bool | None = None,
     checksums: bool = False,
     process_group: Any = None,
+    lora: Sequence[LoraSpec] | LoraSpec | None = None,
+    lora_merge: str = "float",
+    model_class: str | type | None = None,
+    model_config: str | os.PathLike[str] | None = None,
 ) -> SaveResult:
     """Converts the float checkpoint ``src`` into a pre-quantized checkpoint in ``dst``.
 
@@ -76,6 +82,21 @@ def convert(
             rank). Every rank makes the same call on the same shared filesystem; the work (the
             tensors read, quantized and written) is split by bytes and the output is byte for
             byte the one-process conversion. One model folder or file (not a pipeline folder).
+        lora: LoRA adapters merged into their weights as they stream through, before quantizing:
+            a path or ``(path, scale)``, or a list of them, merged in order. A path is a PEFT
+            adapter folder or its ``adapter_model.safetensors`` (transformers models: as
+            ``PeftModel.from_pretrained(...).merge_and_unload()``), or a diffusers LoRA file in
+            diffusers, PEFT, kohya or another format the model's diffusers pipeline reads (as
+            ``load_lora_weights`` then ``fuse_lora(lora_scale=scale)``); see ``convert.lora``.
+        lora_merge: ``"float"`` merges into the float weight (the references' merge);
+            ``"quantized"`` merges onto dequantize(quantize(W)) and quantizes the sum again (the
+            QLoRA-consistent merge, for adapters trained on the quantized model).
+        model_class: for an original single-file checkpoint (Flux, SD3, ... as published): the
+            diffusers model class (or its name) whose ``from_single_file`` reads it; its keys are
+            mapped by diffusers' own conversion function, tensor by tensor while writing.
+        model_config: with ``model_class``, the folder holding the diffusers model's
+            ``config.json`` (or a pipeline folder with the class's default subfolder), as
+            ``from_single_file(config=...)``.
 
     Returns:
         What was written (for a pipeline, the totals over the converted components).
@@ -91,6 +112,16 @@ def convert(
     path = Path(src)
     dtype = resolve_dtype(torch_dtype)
     group = active_group(process_group)
+    single = None
+    if model_class is not None:
+        if model is not None:
+            raise ValueError("model= and model_class= exclude each other (model_class builds the model)")
+        if not path.is_file():
+            raise ValueError(f"model_class= converts one original .safetensors file; {str(path)!r} is not a file")
+        single = (model_class, model_config)
+    elif model_config is not None:
+        raise ValueError("model_config= goes with model_class= (an original single-file checkpoint)")
+    merge = lora_merge_of(lora, lora_merge)
     if group is not None:
         if path.is_dir() and (path / "model_index.json").is_file():
             raise ValueError("a conversion across ranks takes one model; convert a pipeline folder in one process")
@@ -106,22 +137,32 @@ def convert(
                 "torch_dtype": str(dtype),
                 "checksums": checksums,
                 "model": None if model is None else type(model).__qualname__,
+                "lora": repr(lora),
+                "lora_merge": lora_merge,
+                "model_class": getattr(model_class, "__name__", model_class),
+                "model_config": None if model_config is None else os.path.abspath(model_config),
             }
             ranks.agree(call, "arguments")
             config = ranks.step(lambda: bnb_config(quantization_config), "the checks of the config")
-            return convert_model(path, Path(dst), config, model, max_shard_size, progress, checksums, dtype, ranks)
+            return convert_model(
+                path, Path(dst), config, model, max_shard_size, progress, checksums, dtype, ranks, merge, single
+            )
         finally:
             ranks.close()
     if path.is_dir() and (path / "model_index.json").is_file():
         if model is not None:
             raise ValueError("model= applies to one model; a pipeline's components come from their folders")
+        if lora:
+            raise ValueError("lora= applies to one model; convert the pipeline's component folder with it")
         return convert_pipeline(
             path, Path(dst), quantization_config, components, max_shard_size, progress, checksums, dtype
         )
     if components is not None:
         raise ValueError(f"components= applies to pipeline folders; {str(path)!r} is not one (no model_index.json)")
     config = bnb_config(quantization_config)
-    return convert_model(path, Path(dst), config, model, max_shard_size, progress, checksums, dtype)
+    return convert_model(
+        path, Path(dst), config, model, max_shard_size, progress, checksums, dtype, lora=merge, single_file=single
+    )
 
 
 def _config_dict(config: Any) -> Any:

@@ -5,7 +5,8 @@ without importing modeling code, taken only when it is exact."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from quantsave.backends.bitsandbytes import layout as bnb_layout
 from quantsave.backends.bitsandbytes.config import BitsAndBytesConfig
 from quantsave.backends.bitsandbytes.quantizer import BitsAndBytesQuantizer
 from quantsave.checkpoint.plan import parse_shard_size
-from quantsave.checkpoint.reader import open_checkpoint
+from quantsave.checkpoint.reader import Checkpoint, open_checkpoint
 from quantsave.families import TRANSFORMERS, dump_json
 
 __all__ = ["FLOATS", "Source", "read_source", "static_config_files", "static_targets", "torch_name"]
@@ -27,19 +28,52 @@ FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 @dataclass
 class Source:
-    """A float checkpoint: its files and every tensor's (file index, dtype, shape)."""
+    """A float checkpoint: its files and every tensor's (file index, dtype, shape).
+
+    ``derived`` holds the tensors the conversion makes rather than reads as stored (a single
+    file's key conversion, a LoRA merge): key -> a function of the dtype to make it in (None: as
+    made) giving a fresh CPU tensor. ``stored`` maps each of them to the stored tensors it reads,
+    whose pages are released once it is written; ``names``, a key to its tensor's name in its
+    file where they differ (a renamed stored tensor)."""
 
     folder: Path
     files: list[Path]
     tensors: dict[str, tuple[int, str, list[int]]]
     config: dict[str, Any] | None
+    checkpoint: Checkpoint | None = None
+    names: dict[str, str] = field(default_factory=dict)
+    derived: dict[str, Callable[[torch.dtype | None], torch.Tensor]] = field(default_factory=dict)
+    stored: dict[str, set[str]] = field(default_factory=dict)
+    _mapped: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def mapped(self, key: str) -> torch.Tensor:
+        """Stored tensor ``key`` viewing a private map of its file (never write into it)."""
+        if self._mapped is None:
+            assert self.checkpoint is not None
+            self._mapped = self.checkpoint.state_dict()
+        return self._mapped[key]
+
+    def nbytes(self, key: str) -> int:
+        return _core.dtype_nbytes(*self.tensors[key][1:])
+
+    def release(self, key: str) -> None:
+        """Drops the pages of the stored tensors ``key`` was made from (a hint; they stay cached)."""
+        if self.checkpoint is None:
+            return
+        for name in self.stored.get(key, {self.names.get(key, key)}):
+            info = self.checkpoint.tensors.get(name)
+            if info is None:
+                continue
+            mapped = self.checkpoint.mapped_file(info.file)
+            if mapped is not None:
+                mapped.release(info.start, info.end)
 
 
 def read_source(path: Path) -> Source:
     ckpt = open_checkpoint(path)
     number = {f: i for i, f in enumerate(ckpt.files)}
     tensors = {name: (number[t.file], t.dtype, t.shape) for name, t in ckpt.tensors.items()}
-    return Source(ckpt.directory, ckpt.files, tensors, ckpt.config)
+    return Source(ckpt.directory, ckpt.files, tensors, ckpt.config, ckpt)
 
 
 def static_targets(source: Source, config: BitsAndBytesConfig, max_shard_size: int | str | None) -> list[str] | None:

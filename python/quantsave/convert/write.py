@@ -16,6 +16,7 @@ from quantsave.backends.bitsandbytes.quantizer import BitsAndBytesQuantizer
 from quantsave.checkpoint.commit import fsync_enabled, staged_directory
 from quantsave.checkpoint.plan import CheckpointPlan, parse_shard_size, plan_checkpoint
 from quantsave.checkpoint.writer import CheckpointFiles, SaveResult, finish_checkpoint, progress_bar, write_checksums
+from quantsave.convert.made import run_made
 from quantsave.convert.output import Output, natural_key
 from quantsave.convert.source import Source
 from quantsave.families import TRANSFORMERS, Family
@@ -55,65 +56,64 @@ def write_conversion(
     shard_specs = [([(k, *out.specs[k]) for k in names], meta) for _, names in plan.shard_keys()]
     ops: list[_core.ConvertOp] = []
     op_bytes: list[int] = []
+    made: list[tuple[Any, ...]] = []  # ops over tensors made in Python (source.derived)
+    made_bytes: list[int] = []
     for op in out.ops:
-        op_bytes.append(len(op[1]) if op[0] == "bytes" else _core.dtype_nbytes(*source.tensors[op[2]][1:]))
-        kind = op[0]
-        if kind == "copy":
-            _, file, name, target, cast = op
-            ops.append(_core.ConvertOp.copy(file=file, name=name, shard=shard_of[target], target=target, cast=cast))
-        elif kind == "bytes":
-            _, data, target = op
-            ops.append(_core.ConvertOp.bytes(data=data, shard=shard_of[target], target=target))
-        elif kind == "quant4":
-            _, file, name, qt, bs, packed, absmax, nested, cast, transposed = op
-            ops.append(
-                _core.ConvertOp.quant4(
-                    file=file,
-                    name=name,
-                    quant_type=qt,
-                    blocksize=bs,
-                    shard=shard_of[packed],
-                    packed=packed,
-                    absmax=absmax,
-                    nested=nested,
-                    cast=cast,
-                    transposed=transposed,
-                )
-            )
+        nbytes = len(op[1]) if op[0] == "bytes" else _core.dtype_nbytes(*source.tensors[op[2]][1:])
+        if op[0] != "bytes" and op[2] in source.derived:
+            made.append(op)
+            made_bytes.append(nbytes)
         else:
-            _, file, name, rows, cols, weight, scb, cast, transposed = op
-            ops.append(
-                _core.ConvertOp.int8(
-                    file=file,
-                    name=name,
-                    rows=rows,
-                    cols=cols,
-                    shard=shard_of[weight],
-                    weight=weight,
-                    scb=scb,
-                    cast=cast,
-                    transposed=transposed,
-                )
-            )
+            ops.append(_rust_op(op, shard_of, source.names))
+            op_bytes.append(nbytes)
 
     index_meta = {"total_parameters": out.parameters} if family is TRANSFORMERS else {}
     files = CheckpointFiles(meta, index_meta, json_files)
     if ranks is not None:
-        result = _write_across(ranks, source, out, dst, plan, files, ops, op_bytes, progress, checksums)
+        result = _write_across(
+            ranks, source, out, dst, plan, files, ops, op_bytes, made, made_bytes, progress, checksums
+        )
         result.seconds = time.perf_counter() - t0
         return result
     result = SaveResult(directory=dst, files=list(file_names), num_shards=len(plan.shards))
     # Everything is written into a staging folder that replaces `dst` in one atomic step.
     with staged_directory(dst, fsync=fsync_enabled()) as stage:
-        conversion = _core.Conversion(
-            [str(f) for f in source.files],
-            [(stage / fname, *spec) for fname, spec in zip(file_names, shard_specs, strict=True)],
-            ops,
-            chunk_elems=CHUNK_ELEMS,
-            fsync=fsync_enabled(),
-        )
-        total_in = sum(_core.dtype_nbytes(d, s) for _, d, s in source.tensors.values())
-        result.total_bytes = sum(_run(conversion, progress, total_in))
+        total_in = sum(op_bytes) + sum(made_bytes)
+        bar = progress_bar(sys.stderr.isatty() if progress is None else progress, total_in, "Converting", unit="B")
+        try:
+            if not made:
+                conversion = _core.Conversion(
+                    [str(f) for f in source.files],
+                    [(stage / fname, *spec) for fname, spec in zip(file_names, shard_specs, strict=True)],
+                    ops,
+                    chunk_elems=CHUNK_ELEMS,
+                    fsync=fsync_enabled(),
+                )
+                result.total_bytes = sum(_run(conversion, bar))
+            else:
+                # Python writes the tensors it makes into the files the Rust converter fills.
+                writers = [
+                    _core.StreamWriter(stage / fname, tensors, header, shared=True)
+                    for fname, (tensors, header) in zip(file_names, shard_specs, strict=True)
+                ]
+                try:
+                    conversion = _core.Conversion(
+                        [str(f) for f in source.files],
+                        [(stage / fname, *spec) for fname, spec in zip(file_names, shard_specs, strict=True)],
+                        ops,
+                        chunk_elems=CHUNK_ELEMS,
+                        fsync=fsync_enabled(),
+                        temps=[w.temp_path for w in writers],  # type: ignore[misc]
+                    )
+                    _run(conversion, bar)
+                    run_made(source, made, lambda target: writers[shard_of[target]], bar)
+                    result.total_bytes = sum(w.finish(fsync=fsync_enabled()) for w in writers)
+                finally:
+                    for w in writers:
+                        w.abort()
+        finally:
+            if bar is not None:
+                bar.close()
         hashes = None
         if checksums:
             hashes = dict(zip(file_names, _core.sha256_files([str(stage / f) for f in file_names]), strict=True))
@@ -132,6 +132,8 @@ def _write_across(
     files: CheckpointFiles,
     ops: list[_core.ConvertOp],
     op_bytes: list[int],
+    made: list[tuple[Any, ...]],
+    made_bytes: list[int],
     progress: bool | None,
     checksums: bool,
 ) -> SaveResult:
@@ -141,9 +143,11 @@ def _write_across(
     from quantsave.distributed.save import SharedFiles, write_shared
 
     ranks.agree({"plan": [plan.keys, plan.shards, plan.file_names, plan.total_size]}, "plans")
-    owners = balance(op_bytes, ranks.size)
+    owners = balance(op_bytes + made_bytes, ranks.size)
     mine = [op for op, o in zip(ops, owners, strict=True) if o == ranks.rank]
-    total = sum(b for b, o in zip(op_bytes, owners, strict=True) if o == ranks.rank)
+    mine_made = [op for op, o in zip(made, owners[len(ops) :], strict=True) if o == ranks.rank]
+    total = sum(b for b, o in zip(op_bytes + made_bytes, owners, strict=True) if o == ranks.rank)
+    shard_of = {k: s for s, (_, names) in enumerate(plan.shard_keys()) for k in names}
     specs = {k: out.specs[k] for k in plan.keys}
 
     def fill(shared: SharedFiles) -> None:
@@ -157,17 +161,63 @@ def _write_across(
             fsync=fsync_enabled(),
             temps=[shared.temps[i] for i in range(len(plan.file_names))],
         )
-        _run(conversion, progress if ranks.rank == 0 else False, total)
+        bar = progress_bar(ranks.rank == 0 and (sys.stderr.isatty() if progress is None else progress), total,
+                           "Converting", unit="B")  # fmt: skip
+        try:
+            _run(conversion, bar)
+            run_made(source, mine_made, lambda target: shared.writer(shard_of[target]), bar)
+        finally:
+            if bar is not None:
+                bar.close()
 
     return write_shared(ranks, dst, plan, specs, files, checksums, fill)
 
 
-def _run(conversion: _core.Conversion, progress: bool | None, total: int) -> list[int]:
-    """Runs the conversion (without the GIL), with a byte progress bar when asked or on a TTY."""
+def _rust_op(op: tuple[Any, ...], shard_of: dict[str, int], names: dict[str, str]) -> _core.ConvertOp:
+    """The Rust converter's op for a planned op (see ``convert.output``; ``names``: source keys
+    to their tensors' names in the files, where they differ)."""
+    kind = op[0]
+    if kind != "bytes":
+        op = (*op[:2], names.get(op[2], op[2]), *op[3:])
+    if kind == "copy":
+        _, file, name, target, cast = op
+        return _core.ConvertOp.copy(file=file, name=name, shard=shard_of[target], target=target, cast=cast)
+    if kind == "bytes":
+        _, data, target = op
+        return _core.ConvertOp.bytes(data=data, shard=shard_of[target], target=target)
+    if kind == "quant4":
+        _, file, name, qt, bs, packed, absmax, nested, cast, transposed = op
+        return _core.ConvertOp.quant4(
+            file=file,
+            name=name,
+            quant_type=qt,
+            blocksize=bs,
+            shard=shard_of[packed],
+            packed=packed,
+            absmax=absmax,
+            nested=nested,
+            cast=cast,
+            transposed=transposed,
+        )
+    _, file, name, rows, cols, weight, scb, cast, transposed = op
+    return _core.ConvertOp.int8(
+        file=file,
+        name=name,
+        rows=rows,
+        cols=cols,
+        shard=shard_of[weight],
+        weight=weight,
+        scb=scb,
+        cast=cast,
+        transposed=transposed,
+    )
 
-    bar = progress_bar(sys.stderr.isatty() if progress is None else progress, total, "Converting", unit="B")
+
+def _run(conversion: _core.Conversion, bar: Any) -> list[int]:
+    """Runs the conversion (without the GIL), updating ``bar`` (a tqdm bar or None) with the bytes read."""
     if bar is None:
         return conversion.run()
+    start = bar.n
     sizes: list[int] = []
     errors: list[BaseException] = []
 
@@ -179,12 +229,9 @@ def _run(conversion: _core.Conversion, progress: bool | None, total: int) -> lis
 
     thread = threading.Thread(target=work, name="quantsave-convert", daemon=True)
     thread.start()
-    try:
-        while thread.is_alive():
-            thread.join(0.2)
-            bar.update(conversion.progress() - bar.n)
-    finally:
-        bar.close()
+    while thread.is_alive():
+        thread.join(0.2)
+        bar.update(start + conversion.progress() - bar.n)
     if errors:
         raise errors[0]
     return sizes
