@@ -125,10 +125,7 @@ class LoraMerge:
             for name, m in modules.items():
                 key = model_keys.get(f"{name}.weight")
                 if key is None:
-                    raise CheckpointError(
-                        f"LoRA {m.origin}: adapter for {name!r}, which the model has no weight for "
-                        f"(e.g. the model has {next(iter(model_keys), '')!r})"
-                    )
+                    raise CheckpointError(f"LoRA {m.origin}: adapter for {name!r}, which the model has no weight for")
                 shape = source.tensors[key][2]
                 if len(shape) != 2:
                     raise CheckpointError(
@@ -273,6 +270,11 @@ def _group(tensors: dict[str, torch.Tensor], prefix: str, origin: str) -> dict[s
         else:
             if ".lora_B.bias" in name:
                 raise ValueError(f"LoRA {origin}: lora_bias adapters are not supported yet ({key!r})")
+            if ".base_layer." in name or ".modules_to_save." in name or ".lora_embedding_" in name:
+                raise ValueError(
+                    f"LoRA {origin}: the adapter stores whole weights or embedding adapters ({key!r}: "
+                    "modules_to_save, embedding layers); only LoRA on Linear layers is supported yet"
+                )
             raise CheckpointError(f"LoRA {origin}: tensor {key!r} is not a LoRA weight (lora_A, lora_B, magnitude)")
     return grouped
 

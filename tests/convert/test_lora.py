@@ -1,0 +1,242 @@
+"""``convert(lora=...)`` against the references: peft's ``merge_and_unload`` (transformers) and
+diffusers' ``load_lora_adapter``/``load_lora_weights`` + ``fuse_lora`` (diffusers), each followed
+by quantize-on-load + ``save_pretrained`` of the merged model; tiny models and adapters built here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import diffusers
+import pytest
+import safetensors.torch
+import torch
+import transformers
+
+import quantsave as qs
+from quantsave import codec
+from quantsave.checkpoint.reader import open_checkpoint
+from quantsave.errors import CheckpointError
+from conftest import files_equal, tiny_llama_config
+
+peft = pytest.importorskip("peft")
+
+NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+
+
+@pytest.fixture(scope="module")
+def llama_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llama-bf16")
+    transformers.LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def _adapter(base: Path, path: Path, **config: object) -> Path:
+    torch.manual_seed(1)
+    model = peft.get_peft_model(
+        transformers.AutoModelForCausalLM.from_pretrained(base), peft.LoraConfig(init_lora_weights=False, **config)
+    )
+    if config.get("use_dora"):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "magnitude" in name:
+                    p.mul_(1.1)
+    model.save_pretrained(path)
+    return path
+
+
+def _reference_transformers(base: Path, adapters: list[tuple[Path, float]], tmp: Path, qc: dict) -> Path:
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    for i, (adapter, scale) in enumerate(adapters):
+        model = peft.PeftModel.from_pretrained(model, adapter)
+        if scale != 1.0:
+            for module in model.modules():
+                if isinstance(module, peft.tuners.lora.LoraLayer):
+                    module.set_scale("default", scale)
+        model = model.merge_and_unload()
+    model.save_pretrained(tmp / "merged")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp / "merged", quantization_config=transformers.BitsAndBytesConfig(**qc), device_map="cpu"
+    )
+    ref.save_pretrained(tmp / "hf")
+    return tmp / "hf"
+
+
+@pytest.mark.parametrize(
+    ("qc", "config"),
+    [
+        (NF4, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                   rank_pattern={"down_proj": 2}, alpha_pattern={"down_proj": 3})),
+        (dict(load_in_8bit=True), dict(r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj"])),
+        (NF4, dict(r=4, lora_alpha=8, target_modules=["k_proj", "o_proj"], use_dora=True, use_rslora=True)),
+    ],
+    ids=["nf4-patterns", "int8", "nf4-dora-rslora"],
+)  # fmt: skip
+def test_peft_adapter_equals_merge_and_unload(llama_bf16, tmp_path, llama_ids, qc, config) -> None:  # type: ignore[no-untyped-def]
+    adapter = _adapter(llama_bf16, tmp_path / "adapter", **config)
+    ref = _reference_transformers(llama_bf16, [(adapter, 1.0)], tmp_path, qc)
+    qs.convert(llama_bf16, tmp_path / "qs", qs.BitsAndBytesConfig(**qc), lora=adapter)
+    assert files_equal(tmp_path / "qs", ref) == []
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qs")
+    with torch.no_grad():
+        assert torch.isfinite(loaded(llama_ids).logits).all()
+
+
+def test_two_adapters_in_order_with_scales(llama_bf16, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    a = _adapter(llama_bf16, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    b = _adapter(llama_bf16, tmp_path / "b", r=2, lora_alpha=2, target_modules=["q_proj", "up_proj"])
+    ref = _reference_transformers(llama_bf16, [(a, 0.5), (b, 1.5)], tmp_path, NF4)
+    # The weights file of an adapter works as well as its folder.
+    qs.convert(llama_bf16, tmp_path / "qs", NF4 | {"quant_method": "bitsandbytes"},
+               lora=[(a, 0.5), (b / "adapter_model.safetensors", 1.5)])  # fmt: skip
+    assert files_equal(tmp_path / "qs", ref) == []
+
+
+def test_scale_zero_is_the_plain_conversion(llama_bf16, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The Python path (made tensors) writes the same bytes as the Rust converter."""
+    a = _adapter(llama_bf16, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    for name, qc in (("nf4", NF4), ("int8", dict(load_in_8bit=True))):
+        config = qs.BitsAndBytesConfig(**qc)
+        qs.convert(llama_bf16, tmp_path / f"plain-{name}", config)
+        qs.convert(llama_bf16, tmp_path / f"zero-{name}", config, lora=[(a, 0.0)])
+        assert files_equal(tmp_path / f"zero-{name}", tmp_path / f"plain-{name}") == []
+
+
+def test_quantized_merge_is_onto_the_dequantized_weight(llama_bf16, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    a = _adapter(llama_bf16, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj"])
+    qs.convert(llama_bf16, tmp_path / "float", qs.BitsAndBytesConfig(**NF4), lora=a)
+    qs.convert(llama_bf16, tmp_path / "qlora", qs.BitsAndBytesConfig(**NF4), lora=a, lora_merge="quantized")
+    # By hand: W' = dequantize(quantize(W)) + peft's delta (float32 adapter, bf16 result), quantized again.
+    base = safetensors.torch.load_file(llama_bf16 / "model.safetensors")
+    adapter = safetensors.torch.load_file(a / "adapter_model.safetensors")
+    key = "model.layers.0.self_attn.q_proj"
+    w = base[f"{key}.weight"]
+    packed, state = codec.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    lora_a = adapter[f"base_model.model.{key}.lora_A.weight"].float()
+    lora_b = adapter[f"base_model.model.{key}.lora_B.weight"].float()
+    merged = codec.dequantize_4bit(packed, state)
+    merged += (lora_b @ lora_a) * 2.0
+    expected, _ = codec.quantize_4bit(merged, quant_type="nf4", compress_statistics=True)
+    ours = open_checkpoint(tmp_path / "qlora").state_dict()
+    floats = open_checkpoint(tmp_path / "float").state_dict()
+    assert torch.equal(ours[f"{key}.weight"], expected)
+    assert not torch.equal(floats[f"{key}.weight"], expected)
+    # The weights no adapter touches are the same in both.
+    assert torch.equal(ours["model.layers.0.self_attn.k_proj.weight"], floats["model.layers.0.self_attn.k_proj.weight"])
+
+
+def test_sd3_diffusers_lora_equals_fuse_lora(sd3_dir, diffusers_bnb_on_cpu, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(2)
+    model = diffusers.SD3Transformer2DModel.from_pretrained(sd3_dir)
+    model.add_adapter(
+        peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"],
+                        init_lora_weights=False)
+    )  # fmt: skip
+    diffusers.StableDiffusion3Pipeline.save_lora_weights(
+        tmp_path / "lora", transformer_lora_layers=peft.utils.get_peft_model_state_dict(model)
+    )
+    lora = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    for dtype in (torch.float32, torch.bfloat16):
+        ref = diffusers.SD3Transformer2DModel.from_pretrained(sd3_dir, torch_dtype=dtype)
+        ref.load_lora_adapter(lora, prefix="transformer")
+        ref.fuse_lora(lora_scale=0.7)
+        ref.unload_lora()
+        ref.save_pretrained(tmp_path / "merged")
+        qc = diffusers.BitsAndBytesConfig(**NF4)
+        diffusers.SD3Transformer2DModel.from_pretrained(
+            tmp_path / "merged", quantization_config=qc, torch_dtype=dtype, device_map="cpu"
+        ).save_pretrained(tmp_path / "hf")
+        qs.convert(sd3_dir, tmp_path / "qs", qc, torch_dtype=dtype, lora=[(lora, 0.7)])
+        # config.json differs only in the folder diffusers records (the merged copy's, ours the source's).
+        assert files_equal(tmp_path / "qs", tmp_path / "hf") == ["config.json"]
+        ours = json.loads((tmp_path / "qs" / "config.json").read_text())
+        theirs = json.loads((tmp_path / "hf" / "config.json").read_text())
+        assert ours.pop("_name_or_path") == str(sd3_dir)
+        theirs.pop("_name_or_path")
+        assert ours == theirs
+
+
+TINY_SD_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+
+
+def test_kohya_unet_lora_equals_load_lora_weights(diffusers_bnb_on_cpu, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(3)
+    unet = diffusers.UNet2DConditionModel(**TINY_SD_UNET)
+    unet.save_pretrained(tmp_path / "unet")
+    modules = dict(unet.named_modules())
+    kohya: dict[str, torch.Tensor] = {}
+    targets = [
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+        "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2",
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0",
+    ]
+    for i, name in enumerate(targets):
+        layer = modules[name]
+        rank = 4 if i % 2 == 0 else 2
+        base = "lora_unet_" + name.replace(".", "_")
+        kohya[f"{base}.lora_down.weight"] = torch.randn(rank, layer.in_features) * 0.1
+        kohya[f"{base}.lora_up.weight"] = torch.randn(layer.out_features, rank) * 0.1
+        kohya[f"{base}.alpha"] = torch.tensor(float(rank + 1))
+    safetensors.torch.save_file(kohya, tmp_path / "kohya.safetensors")
+
+    ref = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    state_dict, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(str(tmp_path / "kohya.safetensors"))
+    diffusers.StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, unet=ref)
+    ref.fuse_lora(lora_scale=0.8)
+    ref.unload_lora()
+    ref.save_pretrained(tmp_path / "merged")
+    qc = diffusers.BitsAndBytesConfig(**NF4)
+    diffusers.UNet2DConditionModel.from_pretrained(
+        tmp_path / "merged", quantization_config=qc, torch_dtype=torch.float32, device_map="cpu"
+    ).save_pretrained(tmp_path / "hf")
+    qs.convert(tmp_path / "unet", tmp_path / "qs", qc, torch_dtype=torch.float32,
+               lora=[(tmp_path / "kohya.safetensors", 0.8)])  # fmt: skip
+    assert files_equal(tmp_path / "qs", tmp_path / "hf") == ["config.json"]
+
+
+def test_bad_adapters_are_refused_before_anything_is_written(llama_bf16, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    adapter = _adapter(llama_bf16, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj"])
+    weights = safetensors.torch.load_file(adapter / "adapter_model.safetensors")
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("previous")
+    config = qs.BitsAndBytesConfig(**NF4)
+
+    def variant(name: str, change: dict[str, torch.Tensor]) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+        safetensors.torch.save_file({**weights, **change}, path / "adapter_model.safetensors")
+        return path
+
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    unknown = variant("unknown", {
+        "base_model.model.model.layers.0.self_attn.nope.lora_A.weight": weights[f"{key}.lora_A.weight"].clone(),
+        "base_model.model.model.layers.0.self_attn.nope.lora_B.weight": weights[f"{key}.lora_B.weight"].clone(),
+    })  # fmt: skip
+    with pytest.raises(CheckpointError, match="'model.layers.0.self_attn.nope', which the model has no weight"):
+        qs.convert(llama_bf16, dst, config, lora=unknown)
+    rank = variant("rank", {f"{key}.lora_A.weight": torch.randn(3, 64), f"{key}.lora_B.weight": torch.randn(64, 3)})
+    with pytest.raises(CheckpointError, match="not rank 4"):
+        qs.convert(llama_bf16, dst, config, lora=rank)
+    shape = variant("shape", {f"{key}.lora_A.weight": torch.randn(4, 32)})
+    with pytest.raises(CheckpointError, match="maps 32 -> 64 features"):
+        qs.convert(llama_bf16, dst, config, lora=shape)
+    with pytest.raises(FileNotFoundError):
+        qs.convert(llama_bf16, dst, config, lora=tmp_path / "missing")
+    with pytest.raises(ValueError, match="lora_merge"):
+        qs.convert(llama_bf16, dst, config, lora=adapter, lora_merge="sideways")
+    assert sorted(p.name for p in dst.iterdir()) == ["keep.txt"]
