@@ -66,6 +66,13 @@ examples:
   quantsave convert ./sd3-transformer ./sd3-int8 --quant int8 --skip proj_out
   quantsave convert ./flux-transformer ./flux-nf4 --quant nf4 --dtype bfloat16
   quantsave convert ./sd3-pipeline ./sd3-nf4 --quant nf4 --components transformer text_encoder_3
+  quantsave convert ./llama-bf16 ./llama-nf4 --quant nf4 --lora ./my-adapter --lora ./style:0.5
+  quantsave convert flux1-dev.safetensors ./flux-nf4 --quant nf4 --dtype bfloat16 \
+      --model-class FluxTransformer2DModel --model-config ./flux-dev-configs --lora kohya.safetensors:0.8
+
+--lora merges a LoRA adapter (a PEFT adapter folder, or a diffusers/kohya LoRA file) into its
+weights as they stream through, before quantizing; --model-class reads an original single-file
+checkpoint with diffusers' own key mapping (see README).
 """
 
 DEMO_EPILOG = """\
@@ -195,10 +202,25 @@ def _convert(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         torch_dtype=args.dtype,
         progress=False if args.quiet else None,
+        lora=[_lora_arg(a) for a in args.lora or []],
+        lora_merge=args.lora_merge,
+        model_class=args.model_class,
+        model_config=args.model_config,
     )
     if not args.quiet:
         print(f"wrote {args.dst}: {result.num_shards} shard(s), {_human(result.total_bytes)}, {result.seconds:.2f} s")
     return 0
+
+
+def _lora_arg(text: str) -> str | tuple[str, float]:
+    """``FILE`` or ``FILE:SCALE`` (a path that itself holds a colon is taken whole when it exists)."""
+    path, sep, scale = text.rpartition(":")
+    if not sep or Path(text).exists():
+        return text
+    try:
+        return path, float(scale)
+    except ValueError:
+        raise ValueError(f"--lora {text!r}: the scale after ':' must be a number") from None
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -252,6 +274,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="pipeline folders only: the components to convert (default: every component with weights); "
              "the rest is copied",
+    )
+    conv.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:SCALE]",
+        help="a LoRA adapter to merge before quantizing (repeatable, merged in order; SCALE default 1)",
+    )
+    conv.add_argument(
+        "--lora-merge",
+        choices=["float", "quantized"],
+        default="float",
+        help="merge into the float weight (default, the references'), or onto dequantize(quantize(W)) "
+             "(QLoRA-consistent)",
+    )
+    conv.add_argument(
+        "--model-class",
+        metavar="CLASS",
+        help="SRC is an original single file: the diffusers class whose from_single_file reads it",
+    )
+    conv.add_argument(
+        "--model-config",
+        metavar="DIR",
+        help="with --model-class: the folder of the diffusers model's config.json (or its pipeline folder)",
     )
     conv.set_defaults(func=_convert)
 

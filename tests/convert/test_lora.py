@@ -14,10 +14,10 @@ import torch
 import transformers
 
 import quantsave as qs
+from conftest import files_equal, tiny_llama_config
 from quantsave import codec
 from quantsave.checkpoint.reader import open_checkpoint
 from quantsave.errors import CheckpointError
-from conftest import files_equal, tiny_llama_config
 
 peft = pytest.importorskip("peft")
 
@@ -48,7 +48,7 @@ def _adapter(base: Path, path: Path, **config: object) -> Path:
 
 def _reference_transformers(base: Path, adapters: list[tuple[Path, float]], tmp: Path, qc: dict) -> Path:
     model = transformers.AutoModelForCausalLM.from_pretrained(base)
-    for i, (adapter, scale) in enumerate(adapters):
+    for adapter, scale in adapters:
         model = peft.PeftModel.from_pretrained(model, adapter)
         if scale != 1.0:
             for module in model.modules():
@@ -227,7 +227,7 @@ def test_bad_adapters_are_refused_before_anything_is_written(llama_bf16, tmp_pat
         "base_model.model.model.layers.0.self_attn.nope.lora_A.weight": weights[f"{key}.lora_A.weight"].clone(),
         "base_model.model.model.layers.0.self_attn.nope.lora_B.weight": weights[f"{key}.lora_B.weight"].clone(),
     })  # fmt: skip
-    with pytest.raises(CheckpointError, match="'model.layers.0.self_attn.nope', which the model has no weight"):
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.self_attn\.nope', which the model has no weight"):
         qs.convert(llama_bf16, dst, config, lora=unknown)
     rank = variant("rank", {f"{key}.lora_A.weight": torch.randn(3, 64), f"{key}.lora_B.weight": torch.randn(64, 3)})
     with pytest.raises(CheckpointError, match="not rank 4"):

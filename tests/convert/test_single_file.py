@@ -80,7 +80,8 @@ def test_single_file_with_a_lora(sd3_file, single_file_bnb, tmp_path) -> None:  
     file, config = sd3_file
     torch.manual_seed(4)
     model = diffusers.SD3Transformer2DModel.from_single_file(str(file), config=str(config), torch_dtype=torch.bfloat16)
-    model.add_adapter(peft.LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "add_k_proj"], init_lora_weights=False))
+    lora_config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "add_k_proj"], init_lora_weights=False)
+    model.add_adapter(lora_config)
     diffusers.StableDiffusion3Pipeline.save_lora_weights(
         tmp_path / "lora", transformer_lora_layers=peft.utils.get_peft_model_state_dict(model)
     )
@@ -102,11 +103,11 @@ def test_single_file_with_a_lora(sd3_file, single_file_bnb, tmp_path) -> None:  
 def test_single_file_errors(sd3_file, tmp_path) -> None:  # type: ignore[no-untyped-def]
     file, config = sd3_file
     bnb = qs.BitsAndBytesConfig(**NF4)
-    with pytest.raises(ValueError, match="not a diffusers class from_single_file reads"):
+    with pytest.raises(ValueError, match=r"not a diffusers class from_single_file reads"):
         qs.convert(file, tmp_path / "a", bnb, model_class="NoSuchModel", model_config=config)
     with pytest.raises(ValueError, match="needs model_config"):
         qs.convert(file, tmp_path / "a", bnb, model_class="SD3Transformer2DModel")
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match=r"no config\.json"):
         qs.convert(file, tmp_path / "a", bnb, model_class="SD3Transformer2DModel", model_config=tmp_path)
     with pytest.raises(ValueError, match="goes with model_class"):
         qs.convert(file, tmp_path / "a", bnb, model_config=config)
@@ -151,3 +152,24 @@ def test_recipes_replay_the_conversion_exactly() -> None:
 
     with pytest.raises(recipes.Unrecordable):
         recipes.record(looks, {"x": (torch.float32, [3])})
+
+
+def test_command_line_single_file_and_lora(sd3_file, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    peft = pytest.importorskip("peft")
+    from quantsave.cli import main
+
+    file, config = sd3_file
+    model = diffusers.SD3Transformer2DModel.from_single_file(str(file), config=str(config), torch_dtype=torch.bfloat16)
+    model.add_adapter(peft.LoraConfig(r=2, lora_alpha=2, target_modules=["to_k"], init_lora_weights=False))
+    diffusers.StableDiffusion3Pipeline.save_lora_weights(
+        tmp_path / "lora", transformer_lora_layers=peft.utils.get_peft_model_state_dict(model)
+    )
+    lora = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    args = ["convert", str(file), str(tmp_path / "cli"), "--quant", "nf4", "--double-quant", "--dtype", "bfloat16",
+            "--model-class", "SD3Transformer2DModel", "--model-config", str(config), "--lora", f"{lora}:0.5",
+            "-q"]  # fmt: skip
+    assert main(args) == 0
+    qs.convert(file, tmp_path / "api", qs.BitsAndBytesConfig(**NF4), torch_dtype=torch.bfloat16, lora=[(lora, 0.5)],
+               model_class="SD3Transformer2DModel", model_config=config)  # fmt: skip
+    assert files_equal(tmp_path / "cli", tmp_path / "api") == []
+    assert main([*args[:3], "--quant", "nf4", "--lora", f"{lora}:half", "-q"]) != 0

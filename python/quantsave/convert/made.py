@@ -12,6 +12,7 @@ import torch
 
 from quantsave import codec
 from quantsave.checkpoint.tensors import NAME_TO_DTYPE, byte_view
+from quantsave.units import give_back_memory
 
 __all__ = ["made_offset", "made_weight", "run_made"]
 
@@ -28,6 +29,7 @@ def made_offset(source: Any, key: str, blocksize: int, cast: str | None, transpo
     converter computes it for a stored one (float32 absmax, torch's mean)."""
     _, state = codec.quantize_4bit(made_weight(source, key, cast, transposed), blocksize=blocksize, quant_type="nf4")
     source.release(key)
+    give_back_memory()
     return state.absmax.mean().item() if state.absmax.numel() else float("nan")
 
 
@@ -57,5 +59,6 @@ def run_made(source: Any, ops: list[tuple[Any, ...]], writer_of: Callable[[str],
             writer_of(target).write(target, byte_view(q))
             writer_of(scb).write(scb, byte_view(scales))
         source.release(name)
+        give_back_memory()  # (the next tensor's buffers would otherwise stack up on the heap)
         if bar is not None:
             bar.update(source.nbytes(name))

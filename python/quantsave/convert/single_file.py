@@ -127,8 +127,12 @@ def _source(path: Path, ckpt: Any, recipes: dict[str, tuple[Recipe, torch.dtype,
 
 
 def _replay(source: Source, recipe: Recipe) -> Any:
+    reads = leaves(recipe)
+
     def make(dtype: torch.dtype | None) -> torch.Tensor:
         t = evaluate(recipe, source.mapped)
-        return t.to(dtype=dtype or t.dtype, copy=True)
+        # A fresh tensor (a concatenation, a cast) is handed over as it is; a view of the map is copied.
+        mapped = {source.mapped(k).untyped_storage().data_ptr() for k in reads}
+        return t.to(dtype=dtype or t.dtype, copy=t.untyped_storage().data_ptr() in mapped)
 
     return make
