@@ -25,55 +25,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-H, MLP, CTX, POOLED, IN = 3072, 12288, 4096, 768, 64
+# The original Flux key layout is the tests' (tests/convert/originals.py).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "convert"))
 
-
-def build(folder: Path, double: int, single: int) -> Path:
-    file = folder / "flux.safetensors"
-    if file.is_file():
-        return file
-    import torch
-    from diffusers import FluxTransformer2DModel
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    FluxTransformer2DModel.from_config(
-        {"num_layers": double, "num_single_layers": single, "guidance_embeds": True}
-    ).save_config(folder / "config")
-    g = torch.Generator().manual_seed(0)
-    shapes: dict[str, list[int]] = {}
-
-    def linear(name: str, out: int, inp: int) -> None:
-        shapes[f"{name}.weight"] = [out, inp]
-        shapes[f"{name}.bias"] = [out]
-
-    for emb, inp in (("time_in", 256), ("guidance_in", 256), ("vector_in", POOLED)):
-        linear(f"{emb}.in_layer", H, inp)
-        linear(f"{emb}.out_layer", H, H)
-    linear("txt_in", H, CTX)
-    linear("img_in", H, IN)
-    for i in range(double):
-        for s in ("img", "txt"):
-            b = f"double_blocks.{i}.{s}"
-            linear(f"{b}_mod.lin", 6 * H, H)
-            linear(f"{b}_attn.qkv", 3 * H, H)
-            linear(f"{b}_attn.proj", H, H)
-            shapes[f"{b}_attn.norm.query_norm.scale"] = [128]
-            shapes[f"{b}_attn.norm.key_norm.scale"] = [128]
-            linear(f"{b}_mlp.0", MLP, H)
-            linear(f"{b}_mlp.2", H, MLP)
-    for i in range(single):
-        b = f"single_blocks.{i}"
-        linear(f"{b}.linear1", 3 * H + MLP, H)
-        linear(f"{b}.linear2", H, H + MLP)
-        linear(f"{b}.modulation.lin", 3 * H, H)
-        shapes[f"{b}.norm.query_norm.scale"] = [128]
-        shapes[f"{b}.norm.key_norm.scale"] = [128]
-    linear("final_layer.linear", IN, H)
-    linear("final_layer.adaLN_modulation.1", 2 * H, H)
-    tensors = {k: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
-    save_file(tensors, file)
-    return file
+from originals import write_flux_original  # noqa: E402
 
 
 CHILD = r"""
@@ -135,7 +90,7 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=2)
     args = parser.parse_args()
     folder = Path(args.dir)
-    file = build(folder, args.double, args.single)
+    file = write_flux_original(folder, args.double, args.single)
     size = file.stat().st_size
     print(f"source: {file} ({size / 1e9:.2f} GB)")
     results: dict[str, list[dict[str, float]]] = {"quantsave": [], "reference": []}

@@ -85,18 +85,26 @@ CASES: dict[str, tuple[str, str, Any, Any]] = {
 }
 
 
-#: name -> (source folder under the output folder, config, max_shard_size)
-CONVERTS: dict[str, tuple[str, Any, Any]] = {
-    "convert-llama-nf4dq": ("src-llama", NF4_DQ, "40KB"),
-    "convert-llama-int8-one-file": ("src-llama", INT8, None),
-    "convert-sd3-nf4": ("src-sd3", NF4, "15KB"),
+#: name -> (source folder under the output folder, config, max_shard_size, LoRA adapter folders
+#: under the output folder); the LoRA's weights are made in Python by the rank that owns them.
+CONVERTS: dict[str, tuple[str, Any, Any, list[str]]] = {
+    "convert-llama-nf4dq": ("src-llama", NF4_DQ, "40KB", []),
+    "convert-llama-int8-one-file": ("src-llama", INT8, None, []),
+    "convert-sd3-nf4": ("src-sd3", NF4, "15KB", []),
+    "convert-llama-lora-nf4dq": ("src-llama", NF4_DQ, "40KB", ["lora-llama"]),
 }
 
 
 def write_sources(out: Path) -> None:
-    """The float checkpoints the conversions read, saved by transformers and diffusers."""
+    """The float checkpoints the conversions read, saved by transformers and diffusers, and a
+    PEFT adapter for the Llama."""
+    import peft
+
     llama().save_pretrained(out / "src-llama")
     sd3().save_pretrained(out / "src-sd3")
+    torch.manual_seed(5)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    peft.get_peft_model(llama(), config).save_pretrained(out / "lora-llama")
 
 
 def build(case: str, mesh: Any) -> Any:
@@ -178,8 +186,9 @@ def run(rank: int, world: int, port: int, scenarios: list[str], out_dir: str) ->
             qc = None if sharding == "quantized" else config
             _attempt(out, scenario, rank, model, out / scenario, quantization_config=qc, max_shard_size=shard)
         elif scenario in CONVERTS:
-            src, config, shard = CONVERTS[scenario]
-            _attempt_convert(out, scenario, rank, out / src, out / scenario, config, max_shard_size=shard)
+            src, config, shard, loras = CONVERTS[scenario]
+            lora = [out / name for name in loras]
+            _attempt_convert(out, scenario, rank, out / src, out / scenario, config, max_shard_size=shard, lora=lora)
         elif scenario == "convert-hidden-src":
             if rank == 1:
                 from quantsave.convert import model as convert_model

@@ -159,7 +159,7 @@ def _merged(source: Any, key: str, modules: list[_Module], merge: str, quantizat
         if before is not None:
             weight = before(dtype)
         else:
-            stored = source.mapped(key)
+            stored = source.mapped(source.names.get(key, key))
             weight = stored.to(dtype=dtype or stored.dtype, copy=True)
         if merge == "quantized":
             weight = _round_trip(weight, quantization, fan_in_fan_out)

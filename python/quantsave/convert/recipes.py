@@ -175,7 +175,10 @@ def evaluate(recipe: Recipe, source: Callable[[str], torch.Tensor]) -> torch.Ten
                 memo[id(call)] = call.func(*args, **kwargs)
         return memo[id(call)]
 
-    result = value(recipe)
+    try:
+        result = value(recipe)
+    finally:
+        memo.clear()  # (the closures form a cycle: without this the intermediates wait for the GC)
     if not isinstance(result, torch.Tensor):
         raise TypeError(f"a recipe made a {type(result).__name__}, not a tensor")
     return result

@@ -47,7 +47,8 @@ class Source:
     _mapped: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def mapped(self, key: str) -> torch.Tensor:
-        """Stored tensor ``key`` viewing a private map of its file (never write into it)."""
+        """Stored tensor ``key`` (its name in its file) viewing a private map of the file (never
+        write into it)."""
         if self._mapped is None:
             assert self.checkpoint is not None
             self._mapped = self.checkpoint.state_dict()

@@ -144,7 +144,7 @@ def _write_across(
 
     ranks.agree({"plan": [plan.keys, plan.shards, plan.file_names, plan.total_size]}, "plans")
     owners = balance(op_bytes + made_bytes, ranks.size)
-    mine = [op for op, o in zip(ops, owners, strict=True) if o == ranks.rank]
+    mine = [op for op, o in zip(ops, owners[: len(ops)], strict=True) if o == ranks.rank]
     mine_made = [op for op, o in zip(made, owners[len(ops) :], strict=True) if o == ranks.rank]
     total = sum(b for b, o in zip(op_bytes + made_bytes, owners, strict=True) if o == ranks.rank)
     shard_of = {k: s for s, (_, names) in enumerate(plan.shard_keys()) for k in names}
