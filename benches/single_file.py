@@ -28,8 +28,7 @@ from pathlib import Path
 # The original Flux key layout is the tests' (tests/convert/originals.py).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "convert"))
 
-from originals import write_flux_original  # noqa: E402
-
+from originals import write_flux_original
 
 CHILD = r"""
 import json, sys, time, resource
