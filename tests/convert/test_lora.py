@@ -240,3 +240,98 @@ def test_bad_adapters_are_refused_before_anything_is_written(llama_bf16, tmp_pat
     with pytest.raises(ValueError, match="lora_merge"):
         qs.convert(llama_bf16, dst, config, lora=adapter, lora_merge="sideways")
     assert sorted(p.name for p in dst.iterdir()) == ["keep.txt"]
+
+
+def test_pipeline_lora_goes_to_its_components(sd3_dir, diffusers_bnb_on_cpu, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A pipeline folder with a LoRA holding ``transformer.`` and ``text_encoder.`` parts: each
+    converted component gets its part, as ``load_lora_weights`` + ``fuse_lora`` give them."""
+    from diffusers.loaders.lora_base import _remove_text_encoder_monkey_patch, fuse_text_encoder_lora
+
+    pipe = tmp_path / "pipe"
+    torch.manual_seed(7)
+    te_config = transformers.CLIPTextConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, projection_dim=32,
+    )  # fmt: skip
+    transformers.CLIPTextModelWithProjection(te_config).save_pretrained(pipe / "text_encoder")
+    diffusers.SD3Transformer2DModel.from_pretrained(sd3_dir).save_pretrained(pipe / "transformer")
+    index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": diffusers.__version__,
+             "transformer": ["diffusers", "SD3Transformer2DModel"],
+             "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+             "text_encoder_2": [None, None], "text_encoder_3": [None, None], "tokenizer": [None, None],
+             "tokenizer_2": [None, None], "tokenizer_3": [None, None], "vae": [None, None],
+             "scheduler": [None, None]}  # fmt: skip
+    (pipe / "model_index.json").write_text(json.dumps(index))
+    transformer = diffusers.SD3Transformer2DModel.from_pretrained(pipe / "transformer")
+    t_lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v"], init_lora_weights=False)
+    transformer.add_adapter(t_lora)
+    te = transformers.CLIPTextModelWithProjection.from_pretrained(pipe / "text_encoder")
+    # (transformers 5.24's own adapter methods need peft >= 0.22, not released: peft directly.)
+    te_lora = peft.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "fc1"], init_lora_weights=False)
+    peft.inject_adapter_in_model(te_lora, te)
+    diffusers.StableDiffusion3Pipeline.save_lora_weights(
+        tmp_path / "lora", transformer_lora_layers=peft.utils.get_peft_model_state_dict(transformer),
+        text_encoder_lora_layers=peft.utils.get_peft_model_state_dict(te),
+    )  # fmt: skip
+    lora = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+
+    # The reference, component by component, as StableDiffusion3Pipeline.load_lora_weights routes it.
+    mixin = diffusers.StableDiffusion3Pipeline
+    state_dict, metadata = mixin.lora_state_dict(str(lora), return_lora_metadata=True)
+    ref_t = diffusers.SD3Transformer2DModel.from_pretrained(pipe / "transformer", torch_dtype=torch.float32)
+    mixin.load_lora_into_transformer(state_dict, transformer=ref_t, metadata=metadata)
+    ref_t.fuse_lora(lora_scale=0.6)
+    ref_t.unload_lora()
+    ref_t.save_pretrained(tmp_path / "merged" / "transformer")
+    ref_te = transformers.CLIPTextModelWithProjection.from_pretrained(pipe / "text_encoder")
+    _load_lora_into_text_encoder(mixin, state_dict, ref_te)
+    fuse_text_encoder_lora(ref_te, lora_scale=0.6)
+    _remove_text_encoder_monkey_patch(ref_te)
+    ref_te.save_pretrained(tmp_path / "merged" / "text_encoder")
+    diffusers.SD3Transformer2DModel.from_pretrained(
+        tmp_path / "merged" / "transformer", quantization_config=diffusers.BitsAndBytesConfig(**NF4),
+        torch_dtype=torch.float32, device_map="cpu",
+    ).save_pretrained(tmp_path / "hf" / "transformer")  # fmt: skip
+    transformers.CLIPTextModelWithProjection.from_pretrained(
+        tmp_path / "merged" / "text_encoder", quantization_config=transformers.BitsAndBytesConfig(**NF4),
+        device_map="cpu",
+    ).save_pretrained(tmp_path / "hf" / "text_encoder")  # fmt: skip
+
+    qs.convert(pipe, tmp_path / "qs", qs.BitsAndBytesConfig(**NF4), torch_dtype=torch.float32, lora=[(lora, 0.6)])
+    assert files_equal(tmp_path / "qs" / "transformer", tmp_path / "hf" / "transformer") == ["config.json"]
+    assert files_equal(tmp_path / "qs" / "text_encoder", tmp_path / "hf" / "text_encoder") == []
+    qs.convert(pipe, tmp_path / "plain", qs.BitsAndBytesConfig(**NF4), torch_dtype=torch.float32)
+    for component in ("transformer", "text_encoder"):  # both merged indeed
+        assert files_equal(tmp_path / "qs" / component, tmp_path / "plain" / component) != []
+    # A LoRA with nothing for the converted components is an error, and nothing is written.
+    with pytest.raises(ValueError, match="no LoRA weights for the converted components"):
+        qs.convert(pipe, tmp_path / "none", qs.BitsAndBytesConfig(**NF4), components=["text_encoder"],
+                   lora=[(tmp_path / "lora-t" / "pytorch_lora_weights.safetensors", 1.0)]
+                   if _transformer_only(tmp_path, transformer) else [])  # fmt: skip
+    assert not (tmp_path / "none").exists()
+
+
+def _transformer_only(tmp_path: Path, transformer) -> bool:  # type: ignore[no-untyped-def]
+    diffusers.StableDiffusion3Pipeline.save_lora_weights(
+        tmp_path / "lora-t", transformer_lora_layers=peft.utils.get_peft_model_state_dict(transformer)
+    )
+    return True
+
+
+def _load_lora_into_text_encoder(mixin, state_dict, text_encoder) -> None:  # type: ignore[no-untyped-def]
+    """diffusers' ``load_lora_into_text_encoder``, whose last step (transformers'
+    ``load_adapter``) needs peft >= 0.22 with transformers 5.24: the same steps, with that one
+    done by peft itself (inject the config's layers, load the weights), then diffusers' scaling
+    and the cast to the model's dtype."""
+    from diffusers.utils.peft_utils import _create_lora_config
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+
+    sd = {k.removeprefix("text_encoder."): v for k, v in state_dict.items() if k.startswith("text_encoder.")}
+    sd = convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))
+    rank = {f"{n}.lora_B.weight": sd[f"{n}.lora_B.weight"].shape[1] for n, _ in text_encoder.named_modules()
+            if n.endswith((".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2"))
+            and f"{n}.lora_B.weight" in sd}  # fmt: skip
+    config = _create_lora_config(sd, None, None, rank, is_unet=False)
+    peft.inject_adapter_in_model(config, text_encoder, adapter_name="default_0")
+    peft.set_peft_model_state_dict(text_encoder, sd, adapter_name="default_0")
+    text_encoder.to(dtype=text_encoder.dtype)

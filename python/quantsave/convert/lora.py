@@ -100,14 +100,37 @@ class LoraMerge:
     """The adapters of one conversion; ``apply`` turns the merged weights of a source into made
     tensors (``Source.derived``)."""
 
-    def __init__(self, specs: list[tuple[Path, float]], merge: str) -> None:
+    def __init__(self, specs: list[tuple[Path, float]], merge: str, component: tuple[Any, str] | None = None) -> None:
         self.specs, self.merge = specs, merge
+        #: In a pipeline folder: the pipeline's LoRA loader mixin and the component's name (its
+        #: prefix in a diffusers LoRA file).
+        self.component = component
+        #: How many weights the adapters were merged into (a pipeline's components add theirs
+        #: to the merge they were made from).
+        self.merged = 0
+        self._parent: LoraMerge | None = None
         for path, _ in specs:
             if not path.exists():
                 raise FileNotFoundError(f"LoRA adapter {str(path)!r} does not exist")
 
     def __repr__(self) -> str:
         return f"LoraMerge({[(str(p), s) for p, s in self.specs]!r}, {self.merge!r})"
+
+    def for_component(self, pipeline: str | None, name: str) -> LoraMerge | None:
+        """The merge for component ``name`` of a pipeline folder whose ``model_index.json``
+        names ``pipeline``: the LoRA files' parts with the component's prefix, as the pipeline's
+        ``load_lora_weights`` routes them (None when the pipeline loads no LoRA into it)."""
+        mixin = _pipeline_mixin(pipeline)
+        if name not in getattr(mixin, "_lora_loadable_modules", ()):
+            return None
+        child = LoraMerge(self.specs, self.merge, (mixin, name))
+        child._parent = self
+        return child
+
+    def check_pipeline(self, pipeline: str | None) -> None:
+        """Raises when the pipeline loads no LoRAs at all (a LoRA would merge into nothing)."""
+        if _pipeline_mixin(pipeline) is None:
+            raise ValueError(f"lora=: diffusers' {pipeline} does not load LoRA weights")
 
     def apply(self, source: Any, model: nn.Module, diffusers: bool, model_keys: dict[str, str],
               quantization: Any, transposed: set[str]) -> None:  # fmt: skip
@@ -121,7 +144,14 @@ class LoraMerge:
         """
         merges: dict[str, list[_Module]] = {}
         for path, scale in self.specs:
-            modules = _read_diffusers(path, model, scale) if diffusers else _read_peft(path, scale)
+            if diffusers:
+                modules = _read_diffusers(path, model, scale, self.component)
+            elif self.component is not None:
+                modules = _read_text_encoder(path, model, scale, self.component)
+            else:
+                modules = _read_peft(path, scale)
+            if not modules:
+                continue
             for name, m in modules.items():
                 key = model_keys.get(f"{name}.weight")
                 if key is None:
@@ -143,6 +173,9 @@ class LoraMerge:
                         f"the weight {key!r} is [{out_f}, {in_f}]"
                     )
                 merges.setdefault(key, []).append(m)
+        for target in (self, self._parent):
+            if target is not None:
+                target.merged += len(merges)
         flipped = {model_keys[f"{m}.weight"] for m in transposed if f"{m}.weight" in model_keys}
         for key, adapters in merges.items():
             source.derived[key] = _merged(source, key, adapters, self.merge, quantization, key in flipped)
@@ -330,28 +363,30 @@ def _classes(annotation: Any) -> list[str]:
     return [annotation.__name__] if isinstance(annotation, type) else []
 
 
-def _read_diffusers(path: Path, model: nn.Module, scale: float) -> dict[str, _Module]:
-    """A diffusers LoRA file for ``model``, keyed by its module names."""
-    try:
-        from diffusers.utils.peft_utils import _create_lora_config
-        from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
-        from peft.utils.other import get_pattern_key
-    except ImportError as e:
-        raise ImportError("merging a LoRA into a diffusers model needs diffusers and peft: pip install peft") from e
-    origin = repr(str(path))
-    file = path
-    if path.is_dir():
-        candidates = sorted(path.glob("*.safetensors"))
-        if len(candidates) != 1:
-            raise ValueError(f"LoRA {origin}: a folder must hold one .safetensors LoRA file, found {len(candidates)}")
-        file = candidates[0]
-    loaders: list[tuple[Any, str]] | None = _lora_loaders().get(type(model).__name__)
-    if not loaders:
-        raise ValueError(f"LoRA {origin}: no diffusers pipeline loads LoRAs into a {type(model).__name__}")
-    mixin, component = loaders[0]
-    prefix = getattr(mixin, f"{component}_name", component)
-    # As the mixin's load_lora_weights asks for them: the metadata, and the alphas where it
-    # returns them apart.
+def _pipeline_mixin(pipeline: str | None) -> Any:
+    """The LoRA loader mixin of diffusers pipeline class ``pipeline`` (None: it has none)."""
+    import diffusers
+    from diffusers.loaders import lora_pipeline
+
+    cls = getattr(diffusers, pipeline, None) if pipeline else None
+    mixins = {c for c in vars(lora_pipeline).values() if isinstance(c, type) and c.__name__.endswith("LoraLoaderMixin")}
+    return next((m for m in getattr(cls, "__mro__", ()) if m in mixins), None)
+
+
+def _lora_file(path: Path, origin: str) -> Path:
+    if not path.is_dir():
+        return path
+    candidates = sorted(path.glob("*.safetensors"))
+    if len(candidates) != 1:
+        raise ValueError(f"LoRA {origin}: a folder must hold one .safetensors LoRA file, found {len(candidates)}")
+    return candidates[0]
+
+
+def _load(mixin: Any, file: Path, origin: str, prefix: str, bare_is_mine: bool) -> tuple[Any, Any, Any]:
+    """The LoRA file read by ``mixin.lora_state_dict`` as its ``load_lora_weights`` asks (the
+    metadata, and the alphas where it returns them apart), cut to the parts for ``prefix``
+    (``bare_is_mine``: a file whose keys have no component prefix is all this model's, as
+    diffusers' model loaders take it)."""
     kwargs: dict[str, Any] = {"return_lora_metadata": True}
     if "return_alphas" in inspect.signature(mixin.lora_state_dict).parameters:
         kwargs["return_alphas"] = True
@@ -360,16 +395,44 @@ def _read_diffusers(path: Path, model: nn.Module, scale: float) -> dict[str, _Mo
     except (ValueError, KeyError, IndexError) as e:
         raise CheckpointError(f"LoRA {origin}: {mixin.__name__} cannot read it ({e})") from e
     state_dict, alphas, metadata = _unpack(loaded)
-    if any(k.startswith(f"{prefix}.") for k in state_dict):
+    if any(k.startswith(f"{prefix}.") for k in state_dict) or not bare_is_mine:
         others = sorted({k.split(".", 1)[0] for k in state_dict if not k.startswith(f"{prefix}.")})
-        if others:
-            logger.warning("LoRA %s: the parts for %s are not this model's and are left out", origin, ", ".join(others))
+        if others and bare_is_mine:
+            logger.warning("LoRA %s: the parts for %s are not this model's, left out", origin, ", ".join(others))
         state_dict = {k.removeprefix(f"{prefix}."): v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
         if alphas:
             alphas = {k.removeprefix(f"{prefix}."): v for k, v in alphas.items() if k.startswith(f"{prefix}.")}
         if metadata:
             metadata = {k.removeprefix(f"{prefix}."): v for k, v in metadata.items() if k.startswith(f"{prefix}.")}
+    return state_dict, alphas, metadata
+
+
+def _read_diffusers(
+    path: Path, model: nn.Module, scale: float, component: tuple[Any, str] | None
+) -> dict[str, _Module]:
+    """A diffusers LoRA file for ``model``, keyed by its module names (``component``: the
+    pipeline's mixin and the component's name, in a pipeline folder; otherwise learned from the
+    pipelines built on the model's class). Empty when a pipeline's LoRA has nothing for it."""
+    try:
+        from diffusers.utils.peft_utils import _create_lora_config
+        from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+        from peft.utils.other import get_pattern_key
+    except ImportError as e:
+        raise ImportError("merging a LoRA into a diffusers model needs diffusers and peft: pip install peft") from e
+    origin = repr(str(path))
+    file = _lora_file(path, origin)
+    if component is None:
+        loaders: list[tuple[Any, str]] | None = _lora_loaders().get(type(model).__name__)
+        if not loaders:
+            raise ValueError(f"LoRA {origin}: no diffusers pipeline loads LoRAs into a {type(model).__name__}")
+        mixin, name = loaders[0]
+        prefix = getattr(mixin, f"{name}_name", name)
+    else:
+        mixin, prefix = component
+    state_dict, alphas, metadata = _load(mixin, file, origin, prefix, component is None)
     if not state_dict:
+        if component is not None:
+            return {}
         raise CheckpointError(f"LoRA {origin}: no adapter weights for the {prefix}")
     if any(".lokr_" in k for k in state_dict):
         raise ValueError(f"LoRA {origin}: LoKr adapters are not supported yet")
@@ -387,6 +450,42 @@ def _read_diffusers(path: Path, model: nn.Module, scale: float) -> dict[str, _Mo
         alpha_key = get_pattern_key(config.alpha_pattern.keys(), name)
         r = config.rank_pattern.get(r_key, config.r)
         alpha = config.alpha_pattern.get(alpha_key, config.lora_alpha)
+        out[name] = _module(parts, config, r, alpha, scale, None, True, origin, name)
+    return out
+
+
+def _read_text_encoder(path: Path, model: nn.Module, scale: float, component: tuple[Any, str]) -> dict[str, _Module]:
+    """The parts of a diffusers LoRA file for a pipeline's text encoder (a transformers model),
+    as the pipeline's ``load_lora_into_text_encoder`` reads them and ``fuse_lora`` merges them:
+    diffusers' key conversions, its rank rules for text encoders, the adapter weights in the
+    model's dtype, the scale multiplying peft's scaling."""
+    try:
+        from diffusers.utils.peft_utils import _create_lora_config
+        from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+        from peft.utils.other import get_pattern_key
+    except ImportError as e:
+        raise ImportError("merging a LoRA into a pipeline needs diffusers and peft: pip install peft") from e
+    mixin, prefix = component
+    origin = repr(str(path))
+    state_dict, alphas, metadata = _load(mixin, _lora_file(path, origin), origin, prefix, False)
+    if not state_dict:
+        return {}
+    state_dict = convert_state_dict_to_peft(convert_state_dict_to_diffusers(state_dict))  # type: ignore[no-untyped-call]
+    if not hasattr(model, "text_model"):
+        state_dict = {k.removeprefix("text_model."): v for k, v in state_dict.items()}
+    rank = {}
+    for name, _ in model.named_modules():
+        if name.endswith((".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2")):
+            key = f"{name}.lora_B.weight"
+            if key in state_dict:
+                rank[key] = state_dict[key].shape[1]
+    config = _create_lora_config(state_dict, alphas or None, metadata or None, rank, is_unet=False)  # type: ignore[no-untyped-call]
+    if config.lora_bias:
+        raise ValueError(f"LoRA {origin}: lora_bias adapters are not supported yet")
+    out: dict[str, _Module] = {}
+    for name, parts in _group(state_dict, "", origin).items():
+        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha)
         out[name] = _module(parts, config, r, alpha, scale, None, True, origin, name)
     return out
 

@@ -15,6 +15,7 @@ import torch
 from quantsave.checkpoint.commit import fsync_enabled, staged_directory
 from quantsave.checkpoint.reader import open_checkpoint, read_config
 from quantsave.checkpoint.writer import SaveResult
+from quantsave.convert.lora import LoraMerge
 from quantsave.convert.model import bnb_config, convert_model
 from quantsave.errors import CheckpointError
 from quantsave.pipeline import component_configs, is_component_mapping
@@ -31,9 +32,11 @@ def convert_pipeline(
     progress: bool | None,
     checksums: bool,
     torch_dtype: torch.dtype | None = None,
+    lora: LoraMerge | None = None,
 ) -> SaveResult:
     """Converts the named components of a pipeline folder and copies everything else
-    (``torch_dtype``: as for each component, see ``convert.dtypes``)."""
+    (``torch_dtype``: as for each component, see ``convert.dtypes``; ``lora``: merged into the
+    converted components the pipeline's ``load_lora_weights`` would load it into)."""
     t0 = time.perf_counter()
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise ValueError("dst must not be the source pipeline folder or inside it")
@@ -63,15 +66,20 @@ def convert_pipeline(
         cfg = read_config(src / name)
         if cfg is not None and cfg.get("quantization_config") is not None:
             raise ValueError(f"pipeline component {name!r} is already quantized")
+    pipeline = index.get("_class_name")
+    if lora is not None:
+        lora.check_pipeline(pipeline)
     result = SaveResult(directory=dst)
     # The whole pipeline folder is staged and swapped in at once (see quantsave.checkpoint.commit).
     with staged_directory(dst, fsync=fsync_enabled()) as stage:
         for entry in sorted(src.iterdir()):
             target = stage / entry.name
             if entry.name in configs:
+                merge = lora.for_component(pipeline, entry.name) if lora is not None else None
                 r = convert_model(
-                    entry, target, configs[entry.name], None, max_shard_size, progress, checksums, torch_dtype
-                )
+                    entry, target, configs[entry.name], None, max_shard_size, progress, checksums, torch_dtype,
+                    lora=merge,
+                )  # fmt: skip
                 result.files.extend(f"{entry.name}/{f}" for f in r.files)
                 result.total_bytes += r.total_bytes
                 result.num_shards += r.num_shards
@@ -87,6 +95,10 @@ def convert_pipeline(
             elif entry.is_file():
                 shutil.copy2(entry, target)
                 result.files.append(entry.name)
+        if lora is not None and not lora.merged:
+            raise ValueError(
+                f"lora=: no LoRA weights for the converted components {sorted(configs)} of this {pipeline}"
+            )
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -152,10 +152,8 @@ def convert(
     if path.is_dir() and (path / "model_index.json").is_file():
         if model is not None:
             raise ValueError("model= applies to one model; a pipeline's components come from their folders")
-        if lora:
-            raise ValueError("lora= applies to one model; convert the pipeline's component folder with it")
         return convert_pipeline(
-            path, Path(dst), quantization_config, components, max_shard_size, progress, checksums, dtype
+            path, Path(dst), quantization_config, components, max_shard_size, progress, checksums, dtype, merge
         )
     if components is not None:
         raise ValueError(f"components= applies to pipeline folders; {str(path)!r} is not one (no model_index.json)")
