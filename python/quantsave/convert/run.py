@@ -87,7 +87,9 @@ def convert(
             adapter folder or its ``adapter_model.safetensors`` (transformers models: as
             ``PeftModel.from_pretrained(...).merge_and_unload()``), or a diffusers LoRA file in
             diffusers, PEFT, kohya or another format the model's diffusers pipeline reads (as
-            ``load_lora_weights`` then ``fuse_lora(lora_scale=scale)``); see ``convert.lora``.
+            ``load_lora_weights`` then ``fuse_lora(lora_scale=scale)``); for a pipeline folder,
+            each converted component takes the parts its pipeline loads into it (``transformer.``,
+            ``unet.``, ``text_encoder.``, ...); see ``convert.lora``.
         lora_merge: ``"float"`` merges into the float weight (the references' merge);
             ``"quantized"`` merges onto dequantize(quantize(W)) and quantizes the sum again (the
             QLoRA-consistent merge, for adapters trained on the quantized model).
