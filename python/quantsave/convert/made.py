@@ -50,7 +50,8 @@ def run_made(source: Any, ops: list[tuple[Any, ...]], writer_of: Callable[[str],
             writer_of(absmax).write(absmax, byte_view(state.absmax))
             if nested is not None:
                 offset, nested_name = nested
-                if state.offset.item() != torch.tensor(offset, dtype=torch.float32).item():
+                planned, now = torch.tensor(offset, dtype=torch.float32), state.offset.float()
+                if not (torch.equal(planned, now) or (planned.isnan() and now.isnan())):
                     raise RuntimeError(f"{name!r} changed between the plan and the writing (its double-quant offset)")
                 writer_of(nested_name).write(nested_name, byte_view(state.state2.absmax))
         else:  # int8: (kind, file, name, rows, cols, weight, scb, cast, transposed)
