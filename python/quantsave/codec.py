@@ -178,5 +178,6 @@ def quantize_8bit(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_8bit(q: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
-    """Undoes ``quantize_8bit`` in float32."""
-    return q.float() * scb.float().unsqueeze(1) / 127.0
+    """Undoes ``quantize_8bit`` in float32, with bitsandbytes' arithmetic
+    (``int8_vectorwise_dequant``: times the row's SCB, times 1/127)."""
+    return q * scb.float().view(-1, 1) * 7.874015718698502e-3

@@ -15,8 +15,6 @@ import transformers
 
 import quantsave as qs
 from conftest import files_equal, tiny_llama_config
-from quantsave import codec
-from quantsave.checkpoint.reader import open_checkpoint
 from quantsave.errors import CheckpointError
 
 peft = pytest.importorskip("peft")
@@ -103,27 +101,39 @@ def test_scale_zero_is_the_plain_conversion(llama_bf16, tmp_path) -> None:  # ty
         assert files_equal(tmp_path / f"zero-{name}", tmp_path / f"plain-{name}") == []
 
 
-def test_quantized_merge_is_onto_the_dequantized_weight(llama_bf16, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    a = _adapter(llama_bf16, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj"])
-    qs.convert(llama_bf16, tmp_path / "float", qs.BitsAndBytesConfig(**NF4), lora=a)
-    qs.convert(llama_bf16, tmp_path / "qlora", qs.BitsAndBytesConfig(**NF4), lora=a, lora_merge="quantized")
-    # By hand: W' = dequantize(quantize(W)) + peft's delta (float32 adapter, bf16 result), quantized again.
-    base = safetensors.torch.load_file(llama_bf16 / "model.safetensors")
-    adapter = safetensors.torch.load_file(a / "adapter_model.safetensors")
-    key = "model.layers.0.self_attn.q_proj"
-    w = base[f"{key}.weight"]
-    packed, state = codec.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
-    lora_a = adapter[f"base_model.model.{key}.lora_A.weight"].float()
-    lora_b = adapter[f"base_model.model.{key}.lora_B.weight"].float()
-    merged = codec.dequantize_4bit(packed, state)
-    merged += (lora_b @ lora_a) * 2.0
-    expected, _ = codec.quantize_4bit(merged, quant_type="nf4", compress_statistics=True)
-    ours = open_checkpoint(tmp_path / "qlora").state_dict()
-    floats = open_checkpoint(tmp_path / "float").state_dict()
-    assert torch.equal(ours[f"{key}.weight"], expected)
-    assert not torch.equal(floats[f"{key}.weight"], expected)
-    # The weights no adapter touches are the same in both.
-    assert torch.equal(ours["model.layers.0.self_attn.k_proj.weight"], floats["model.layers.0.self_attn.k_proj.weight"])
+@pytest.mark.parametrize("qc", [NF4, dict(load_in_8bit=True)], ids=["nf4-dq", "int8"])
+def test_quantized_merge_equals_peft_merge_of_the_quantized_model(llama_bf16, tmp_path, llama_ids, qc) -> None:  # type: ignore[no-untyped-def]
+    """``lora_merge="quantized"`` against peft's merge into a bitsandbytes model
+    (``PeftModel.from_pretrained(quantized, adapter).merge_and_unload()``: each layer
+    dequantized, the delta added, quantized again), compared layer by layer in memory since
+    transformers cannot save that merged model."""
+    bnb = pytest.importorskip("bitsandbytes")
+    a = _adapter(llama_bf16, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    b = _adapter(llama_bf16, tmp_path / "b", r=2, lora_alpha=4, target_modules=["q_proj"])
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(
+        llama_bf16, quantization_config=transformers.BitsAndBytesConfig(**qc), device_map="cpu"
+    )
+    for adapter in (a, b):
+        quantized = peft.PeftModel.from_pretrained(quantized, adapter).merge_and_unload()
+    qs.convert(llama_bf16, tmp_path / "qs", qs.BitsAndBytesConfig(**qc), lora=[a, b], lora_merge="quantized")
+    ours = qs.load_quantized(tmp_path / "qs")
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.0.self_attn.k_proj"):
+        theirs, mine = quantized.get_submodule(name).weight, ours.get_submodule(name).weight
+        if qc is NF4:
+            assert torch.equal(theirs.data.view(torch.uint8), mine.data.view(torch.uint8)), name
+            t, m = theirs.quant_state, mine.quant_state
+            assert t.dtype == m.dtype and torch.equal(t.absmax, m.absmax) and torch.equal(t.state2.absmax, m.state2.absmax)
+            assert bnb.functional.dequantize_4bit(theirs.data, t).equal(bnb.functional.dequantize_4bit(mine.data, m))
+        else:
+            assert torch.equal(theirs.data, mine.data) and torch.equal(theirs.SCB, mine.SCB), name
+    # peft's 4-bit merge quantizes the float32 sum (its adapters are float32): the state says so.
+    if qc is NF4:
+        assert ours.get_submodule("model.layers.0.self_attn.q_proj").weight.quant_state.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(ours(llama_ids).logits, quantized(llama_ids).logits)
+    # The float merge differs from it.
+    qs.convert(llama_bf16, tmp_path / "float", qs.BitsAndBytesConfig(**qc), lora=[a, b])
+    assert files_equal(tmp_path / "float", tmp_path / "qs") == ["model.safetensors"]
 
 
 def test_sd3_diffusers_lora_equals_fuse_lora(sd3_dir, diffusers_bnb_on_cpu, tmp_path) -> None:  # type: ignore[no-untyped-def]

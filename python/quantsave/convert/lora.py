@@ -179,6 +179,8 @@ class LoraMerge:
         flipped = {model_keys[f"{m}.weight"] for m in transposed if f"{m}.weight" in model_keys}
         for key, adapters in merges.items():
             source.derived[key] = _merged(source, key, adapters, self.merge, quantization, key in flipped)
+            if self.merge == "quantized" and quantization.bits == 4:
+                source.quantized_as[key] = functools.partial(quantized_merge_dtype, adapters)
             if key not in source.stored:
                 source.stored[key] = {source.names.get(key, key)}
 
@@ -194,17 +196,29 @@ def _merged(source: Any, key: str, modules: list[_Module], merge: str, quantizat
         else:
             stored = source.mapped(source.names.get(key, key))
             weight = stored.to(dtype=dtype or stored.dtype, copy=True)
-        if merge == "quantized":
-            weight = _round_trip(weight, quantization, fan_in_fan_out)
         for m in modules:
-            weight = _merge_one(weight, m, fan_in_fan_out)
+            if merge == "quantized":
+                weight = _merge_one(_round_trip(weight, quantization, fan_in_fan_out), m, fan_in_fan_out, quantization)
+            else:
+                weight = _merge_one(weight, m, fan_in_fan_out)
         return weight
 
     return make
 
 
+def quantized_merge_dtype(modules: list[Any], weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a 4-bit weight comes out of ``lora_merge="quantized"`` in, as peft's
+    ``Linear4bit.merge`` makes it: the dequantized weight plus each delta, type-promoted
+    (float32 adapters, as ``PeftModel`` loads them, make a float32 weight)."""
+    dtype = weight_dtype
+    for m in modules:
+        dtype = torch.promote_types(dtype, m.adapter_dtype or dtype)
+    return dtype
+
+
 def _round_trip(weight: torch.Tensor, config: Any, fan_in_fan_out: bool) -> torch.Tensor:
-    """dequantize(quantize(W)) in W's dtype, with the conversion's quantization."""
+    """dequantize(quantize(W)) with the conversion's quantization, as bitsandbytes' dequantize
+    gives it to peft's merge of a quantized layer: 4-bit in W's dtype, 8-bit in float32."""
     w = weight.t().contiguous() if fan_in_fan_out else weight
     if config.bits == 4:
         packed, state = codec.quantize_4bit(
@@ -213,12 +227,14 @@ def _round_trip(weight: torch.Tensor, config: Any, fan_in_fan_out: bool) -> torc
         back = codec.dequantize_4bit(packed, state)
     else:
         q, scb = codec.quantize_8bit(w)
-        back = codec.dequantize_8bit(q, scb).to(w.dtype)
+        back = codec.dequantize_8bit(q, scb)
     return back.t().contiguous() if fan_in_fan_out else back
 
 
-def _merge_one(weight: torch.Tensor, m: _Module, fan_in_fan_out: bool) -> torch.Tensor:
-    """``weight`` with the adapter merged by peft's own ``lora.Linear.merge``."""
+def _merge_one(weight: torch.Tensor, m: _Module, fan_in_fan_out: bool, quantized: Any = None) -> torch.Tensor:
+    """``weight`` with the adapter merged by peft's own ``lora.Linear.merge``; ``quantized``
+    (the bitsandbytes config): ``weight`` is the dequantized one and the sum is made as peft's
+    ``Linear4bit.merge`` / ``Linear8bitLt.merge`` make it (a new tensor, type-promoted)."""
     from peft.tuners.lora import Linear as LoraLinear
 
     out_f, in_f = m.up.shape[0], m.down.shape[1]
@@ -239,6 +255,15 @@ def _merge_one(weight: torch.Tensor, m: _Module, fan_in_fan_out: bool) -> torch.
             layer.scale_layer(m.scale)  # diffusers' fuse_lora(lora_scale=...)
         elif m.scale != 1.0:
             layer.set_scale(_ADAPTER, m.scale)
+        if quantized is not None:
+            variant = layer.lora_variant.get(_ADAPTER)
+            if variant is not None:  # DoRA
+                out: torch.Tensor = variant.merge_safe(layer, _ADAPTER, weight)
+                return out
+            delta = layer.get_delta_weight(_ADAPTER)
+            if quantized.bits == 4:
+                return weight + delta
+            return weight.to(delta.dtype) + delta
         layer.merge(adapter_names=[_ADAPTER])
     merged: torch.Tensor = layer.get_base_layer().weight.data  # type: ignore[assignment]
     return merged

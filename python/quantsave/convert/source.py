@@ -42,6 +42,9 @@ class Source:
     config: dict[str, Any] | None
     checkpoint: Checkpoint | None = None
     names: dict[str, str] = field(default_factory=dict)
+    #: made 4-bit weights quantized from another dtype than they are made in: key -> the dtype
+    #: for the one they are made in (``lora_merge="quantized"``, as peft's merge promotes).
+    quantized_as: dict[str, Callable[[torch.dtype], torch.dtype]] = field(default_factory=dict)
     derived: dict[str, Callable[[torch.dtype | None], torch.Tensor]] = field(default_factory=dict)
     stored: dict[str, set[str]] = field(default_factory=dict)
     _mapped: dict[str, torch.Tensor] | None = field(default=None, repr=False)
