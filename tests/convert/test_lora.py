@@ -137,6 +137,20 @@ def test_quantized_merge_equals_peft_merge_of_the_quantized_model(llama_bf16, tm
     assert files_equal(tmp_path / "float", tmp_path / "qs") == ["model.safetensors"]
 
 
+def test_quantized_merge_keeps_float_weights_float(llama_bf16, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A weight the conversion keeps in float (a skipped module) merges in float either way."""
+    from safetensors.torch import load_file
+
+    a = _adapter(llama_bf16, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    config = qs.BitsAndBytesConfig(**NF4, llm_int8_skip_modules=["down_proj", "lm_head"])
+    qs.convert(llama_bf16, tmp_path / "q", config, lora=a, lora_merge="quantized")
+    qs.convert(llama_bf16, tmp_path / "f", config, lora=a)
+    q, f = load_file(tmp_path / "q" / "model.safetensors"), load_file(tmp_path / "f" / "model.safetensors")
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert q[key].dtype == torch.bfloat16 and torch.equal(q[key], f[key])
+    assert not torch.equal(q["model.layers.0.self_attn.q_proj.weight"], f["model.layers.0.self_attn.q_proj.weight"])
+
+
 def test_sd3_diffusers_lora_equals_fuse_lora(sd3_dir, diffusers_bnb_on_cpu, tmp_path) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(2)
     model = diffusers.SD3Transformer2DModel.from_pretrained(sd3_dir)
@@ -182,30 +196,43 @@ TINY_SD_UNET = dict(
 )
 
 
-def test_kohya_unet_lora_equals_load_lora_weights(diffusers_bnb_on_cpu, tmp_path) -> None:  # type: ignore[no-untyped-def]
+#: Target modules, under their diffusers names and their SGM (original SDXL) kohya names.
+KOHYA_TARGETS = {
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks_1_1_transformer_blocks_0_attn1_to_q",
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": "input_blocks_1_1_transformer_blocks_0_attn2_to_k",
+    "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2": "output_blocks_3_1_transformer_blocks_0_ff_net_2",
+    "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0":
+        "output_blocks_3_1_transformer_blocks_0_attn1_to_out_0",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("names", ["diffusers", "sgm"])
+def test_kohya_unet_lora_equals_load_lora_weights(diffusers_bnb_on_cpu, tmp_path, names) -> None:  # type: ignore[no-untyped-def]
+    """kohya files with diffusers block names (as SD1.5's load_lora_weights reads them) and
+    with SGM names (as SDXL's reads them, mapping the blocks through the UNet's config)."""
     torch.manual_seed(3)
     unet = diffusers.UNet2DConditionModel(**TINY_SD_UNET)
     unet.save_pretrained(tmp_path / "unet")
     modules = dict(unet.named_modules())
     kohya: dict[str, torch.Tensor] = {}
-    targets = [
-        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
-        "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
-        "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2",
-        "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0",
-    ]
-    for i, name in enumerate(targets):
+    for i, (name, sgm) in enumerate(KOHYA_TARGETS.items()):
         layer = modules[name]
         rank = 4 if i % 2 == 0 else 2
-        base = "lora_unet_" + name.replace(".", "_")
+        base = "lora_unet_" + (name.replace(".", "_") if names == "diffusers" else sgm)
         kohya[f"{base}.lora_down.weight"] = torch.randn(rank, layer.in_features) * 0.1
         kohya[f"{base}.lora_up.weight"] = torch.randn(layer.out_features, rank) * 0.1
         kohya[f"{base}.alpha"] = torch.tensor(float(rank + 1))
     safetensors.torch.save_file(kohya, tmp_path / "kohya.safetensors")
 
     ref = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "unet")
-    state_dict, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(str(tmp_path / "kohya.safetensors"))
-    diffusers.StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, unet=ref)
+    if names == "diffusers":
+        loader = diffusers.StableDiffusionPipeline
+        state_dict, alphas = loader.lora_state_dict(str(tmp_path / "kohya.safetensors"))
+    else:
+        loader = diffusers.StableDiffusionXLPipeline
+        state_dict, alphas = loader.lora_state_dict(str(tmp_path / "kohya.safetensors"), unet_config=ref.config)
+    assert any("down_blocks.0.attentions.0" in k for k in state_dict)
+    loader.load_lora_into_unet(state_dict, alphas, unet=ref)
     ref.fuse_lora(lora_scale=0.8)
     ref.unload_lora()
     ref.save_pretrained(tmp_path / "merged")
@@ -314,13 +341,15 @@ def test_pipeline_lora_goes_to_its_components(sd3_dir, diffusers_bnb_on_cpu, tmp
     qs.convert(pipe, tmp_path / "plain", qs.BitsAndBytesConfig(**NF4), torch_dtype=torch.float32)
     for component in ("transformer", "text_encoder"):  # both merged indeed
         assert files_equal(tmp_path / "qs" / component, tmp_path / "plain" / component) != []
-    # A LoRA with nothing for the converted components is an error, and nothing is written.
-    diffusers.StableDiffusion3Pipeline.save_lora_weights(
-        tmp_path / "lora-t", transformer_lora_layers=peft.utils.get_peft_model_state_dict(transformer)
-    )
+    # A LoRA part for a component the conversion copies is an error (the copy would not have
+    # it); so is a LoRA with nothing for the converted components; nothing is written.
+    with pytest.raises(ValueError, match="has weights for 'transformer', which this conversion copies"):
+        qs.convert(pipe, tmp_path / "none", qs.BitsAndBytesConfig(**NF4), components=["text_encoder"], lora=lora)
+    other = {k.replace("text_encoder.", "text_encoder_2.", 1): v
+             for k, v in safetensors.torch.load_file(lora).items() if k.startswith("text_encoder.")}  # fmt: skip
+    safetensors.torch.save_file(other, tmp_path / "te2.safetensors")
     with pytest.raises(ValueError, match="no LoRA weights for the converted components"):
-        qs.convert(pipe, tmp_path / "none", qs.BitsAndBytesConfig(**NF4), components=["text_encoder"],
-                   lora=tmp_path / "lora-t" / "pytorch_lora_weights.safetensors")  # fmt: skip
+        qs.convert(pipe, tmp_path / "none", qs.BitsAndBytesConfig(**NF4), lora=tmp_path / "te2.safetensors")
     assert not (tmp_path / "none").exists()
 
 

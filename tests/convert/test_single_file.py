@@ -173,3 +173,23 @@ def test_command_line_single_file_and_lora(sd3_file, tmp_path) -> None:  # type:
                model_class="SD3Transformer2DModel", model_config=config)  # fmt: skip
     assert files_equal(tmp_path / "cli", tmp_path / "api") == []
     assert main([*args[:3], "--quant", "nf4", "--lora", f"{lora}:half", "-q"]) != 0
+
+
+def test_recipes_refuse_writes_into_views() -> None:
+    def convert(ck: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        w = ck.pop("w")
+        w.narrow(0, 0, 1).mul_(2)  # changes w through a view: not followed
+        return {"w": w}
+
+    with pytest.raises(recipes.Unrecordable, match="view"):
+        recipes.record(convert, {"w": (torch.float32, [2, 2])})
+
+    def sub(ck: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        w = ck.pop("w")
+        w -= 1  # __isub__: replayed on a copy
+        return {"w": w}
+
+    src = {"w": torch.ones(2, 2)}
+    (recipe, _, _) = recipes.record(sub, {"w": (torch.float32, [2, 2])})["w"]
+    assert torch.equal(recipes.evaluate(recipe, src.__getitem__), torch.zeros(2, 2))
+    assert torch.equal(src["w"], torch.ones(2, 2))

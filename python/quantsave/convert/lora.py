@@ -109,6 +109,9 @@ class LoraMerge:
         #: to the merge they were made from).
         self.merged = 0
         self._parent: LoraMerge | None = None
+        #: In a pipeline folder with a UNet: its config, which the pipeline's LoRA loader reads
+        #: (SGM block names are mapped with it).
+        self.unet_config: Any = None
         for path, _ in specs:
             if not path.exists():
                 raise FileNotFoundError(f"LoRA adapter {str(path)!r} does not exist")
@@ -116,27 +119,43 @@ class LoraMerge:
     def __repr__(self) -> str:
         return f"LoraMerge({[(str(p), s) for p, s in self.specs]!r}, {self.merge!r})"
 
-    def for_component(self, pipeline: str | None, name: str) -> LoraMerge | None:
+    def for_component(self, pipeline: str | None, name: str, unet_config: Any = None) -> LoraMerge | None:
         """The merge for component ``name`` of a pipeline folder whose ``model_index.json``
         names ``pipeline``: the LoRA files' parts with the component's prefix, as the pipeline's
-        ``load_lora_weights`` routes them (None when the pipeline loads no LoRA into it)."""
+        ``load_lora_weights`` routes them (None when the pipeline loads no LoRA into it;
+        ``unet_config``: the pipeline's UNet config, when it has one)."""
         mixin = _pipeline_mixin(pipeline)
         if name not in getattr(mixin, "_lora_loadable_modules", ()):
             return None
         child = LoraMerge(self.specs, self.merge, (mixin, name))
-        child._parent = self
+        child._parent, child.unet_config = self, unet_config
         return child
 
-    def check_pipeline(self, pipeline: str | None) -> None:
-        """Raises when the pipeline loads no LoRAs at all (a LoRA would merge into nothing)."""
-        if _pipeline_mixin(pipeline) is None:
+    def check_pipeline(self, pipeline: str | None, converted: list[str], present: list[str],
+                       unet_config: Any = None) -> None:  # fmt: skip
+        """Raises when the pipeline loads no LoRAs at all, or when a LoRA has weights for a
+        component of ``present`` that the conversion copies rather than converts (the
+        reference would change it; the copy would not)."""
+        mixin = _pipeline_mixin(pipeline)
+        if mixin is None:
             raise ValueError(f"lora=: diffusers' {pipeline} does not load LoRA weights")
+        copied = [c for c in getattr(mixin, "_lora_loadable_modules", ()) if c in present and c not in converted]
+        for path, _ in self.specs:
+            origin = repr(str(path))
+            for component in copied:
+                parts, _, _ = _load(mixin, _lora_file(path, origin), origin, component, False, unet_config)
+                if parts:
+                    raise ValueError(
+                        f"LoRA {origin} has weights for {component!r}, which this conversion copies unchanged; "
+                        f"convert it too (components=[..., {component!r}]) or use a LoRA without them"
+                    )
 
     def apply(self, source: Any, model: nn.Module, diffusers: bool, model_keys: dict[str, str],
-              quantization: Any, transposed: set[str]) -> None:  # fmt: skip
+              quantization: Any, transposed: set[str], targets: set[str]) -> None:  # fmt: skip
         """Makes every weight an adapter targets a merged tensor of ``source`` (``model_keys``:
         model key -> checkpoint key; ``quantization``: the bitsandbytes config, for
-        ``lora_merge="quantized"``; ``transposed``: modules storing their weight ``[in, out]``).
+        ``lora_merge="quantized"``, which round-trips only the quantized ``targets`` modules;
+        ``transposed``: modules storing their weight ``[in, out]``).
 
         Raises:
             CheckpointError: an adapter names a module the model does not have or one without a
@@ -145,9 +164,9 @@ class LoraMerge:
         merges: dict[str, list[_Module]] = {}
         for path, scale in self.specs:
             if diffusers:
-                modules = _read_diffusers(path, model, scale, self.component)
+                modules = _read_diffusers(path, model, scale, self.component, self.unet_config)
             elif self.component is not None:
-                modules = _read_text_encoder(path, model, scale, self.component)
+                modules = _read_text_encoder(path, model, scale, self.component, self.unet_config)
             else:
                 modules = _read_peft(path, scale)
             if not modules:
@@ -177,9 +196,11 @@ class LoraMerge:
             if target is not None:
                 target.merged += len(merges)
         flipped = {model_keys[f"{m}.weight"] for m in transposed if f"{m}.weight" in model_keys}
+        quantized = {model_keys[f"{m}.weight"] for m in targets if f"{m}.weight" in model_keys}
         for key, adapters in merges.items():
-            source.derived[key] = _merged(source, key, adapters, self.merge, quantization, key in flipped)
-            if self.merge == "quantized" and quantization.bits == 4:
+            merge = self.merge if key in quantized else "float"  # a weight kept in float merges in float
+            source.derived[key] = _merged(source, key, adapters, merge, quantization, key in flipped)
+            if merge == "quantized" and quantization.bits == 4:
                 source.quantized_as[key] = functools.partial(quantized_merge_dtype, adapters)
             if key not in source.stored:
                 source.stored[key] = {source.names.get(key, key)}
@@ -407,12 +428,16 @@ def _lora_file(path: Path, origin: str) -> Path:
     return candidates[0]
 
 
-def _load(mixin: Any, file: Path, origin: str, prefix: str, bare_is_mine: bool) -> tuple[Any, Any, Any]:
+def _load(mixin: Any, file: Path, origin: str, prefix: str, bare_is_mine: bool,
+          unet_config: Any = None) -> tuple[Any, Any, Any]:  # fmt: skip
     """The LoRA file read by ``mixin.lora_state_dict`` as its ``load_lora_weights`` asks (the
-    metadata, and the alphas where it returns them apart), cut to the parts for ``prefix``
-    (``bare_is_mine``: a file whose keys have no component prefix is all this model's, as
-    diffusers' model loaders take it)."""
+    metadata, the alphas where it returns them apart, and the UNet's config for the pipelines
+    with a UNet, which maps SGM block names), cut to the parts for ``prefix`` (``bare_is_mine``:
+    a file whose keys have no component prefix is all this model's, as diffusers' model loaders
+    take it)."""
     kwargs: dict[str, Any] = {"return_lora_metadata": True}
+    if unet_config is not None and "unet" in getattr(mixin, "_lora_loadable_modules", ()):
+        kwargs["unet_config"] = unet_config
     if "return_alphas" in inspect.signature(mixin.lora_state_dict).parameters:
         kwargs["return_alphas"] = True
     try:
@@ -433,7 +458,7 @@ def _load(mixin: Any, file: Path, origin: str, prefix: str, bare_is_mine: bool) 
 
 
 def _read_diffusers(
-    path: Path, model: nn.Module, scale: float, component: tuple[Any, str] | None
+    path: Path, model: nn.Module, scale: float, component: tuple[Any, str] | None, unet_config: Any = None
 ) -> dict[str, _Module]:
     """A diffusers LoRA file for ``model``, keyed by its module names (``component``: the
     pipeline's mixin and the component's name, in a pipeline folder; otherwise learned from the
@@ -454,7 +479,9 @@ def _read_diffusers(
         prefix = getattr(mixin, f"{name}_name", name)
     else:
         mixin, prefix = component
-    state_dict, alphas, metadata = _load(mixin, file, origin, prefix, component is None)
+    if unet_config is None and prefix == "unet":
+        unet_config = getattr(model, "config", None)
+    state_dict, alphas, metadata = _load(mixin, file, origin, prefix, component is None, unet_config)
     if not state_dict:
         if component is not None:
             return {}
@@ -479,7 +506,9 @@ def _read_diffusers(
     return out
 
 
-def _read_text_encoder(path: Path, model: nn.Module, scale: float, component: tuple[Any, str]) -> dict[str, _Module]:
+def _read_text_encoder(
+    path: Path, model: nn.Module, scale: float, component: tuple[Any, str], unet_config: Any = None
+) -> dict[str, _Module]:
     """The parts of a diffusers LoRA file for a pipeline's text encoder (a transformers model),
     as the pipeline's ``load_lora_into_text_encoder`` reads them and ``fuse_lora`` merges them:
     diffusers' key conversions, its rank rules for text encoders, the adapter weights in the
@@ -492,7 +521,7 @@ def _read_text_encoder(path: Path, model: nn.Module, scale: float, component: tu
         raise ImportError("merging a LoRA into a pipeline needs diffusers and peft: pip install peft") from e
     mixin, prefix = component
     origin = repr(str(path))
-    state_dict, alphas, metadata = _load(mixin, _lora_file(path, origin), origin, prefix, False)
+    state_dict, alphas, metadata = _load(mixin, _lora_file(path, origin), origin, prefix, False, unet_config)
     if not state_dict:
         return {}
     state_dict = convert_state_dict_to_peft(convert_state_dict_to_diffusers(state_dict))  # type: ignore[no-untyped-call]

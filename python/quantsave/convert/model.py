@@ -152,7 +152,7 @@ def _plan_model(
     conv1d = {t for t in targets if is_conv1d(model.get_submodule(t))}
     if lora is not None:
         flipped = {n for n, m in model.named_modules() if is_conv1d(m)}
-        lora.apply(source, model, family is DIFFUSERS, order.model_keys, config, flipped)
+        lora.apply(source, model, family is DIFFUSERS, order.model_keys, config, flipped, targets)
     out = plan_output(source, order.pairs, targets, config, dtypes, conv1d)
     if family is TRANSFORMERS:
         out.parameters = parameter_count(model, targets, config)

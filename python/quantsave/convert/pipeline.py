@@ -67,15 +67,16 @@ def convert_pipeline(
         if cfg is not None and cfg.get("quantization_config") is not None:
             raise ValueError(f"pipeline component {name!r} is already quantized")
     pipeline = index.get("_class_name")
+    unet_config = read_config(src / "unet") if (src / "unet" / "config.json").is_file() else None
     if lora is not None:
-        lora.check_pipeline(pipeline)
+        lora.check_pipeline(pipeline, list(configs), with_weights, unet_config)
     result = SaveResult(directory=dst)
     # The whole pipeline folder is staged and swapped in at once (see quantsave.checkpoint.commit).
     with staged_directory(dst, fsync=fsync_enabled()) as stage:
         for entry in sorted(src.iterdir()):
             target = stage / entry.name
             if entry.name in configs:
-                merge = lora.for_component(pipeline, entry.name) if lora is not None else None
+                merge = lora.for_component(pipeline, entry.name, unet_config) if lora is not None else None
                 r = convert_model(
                     entry, target, configs[entry.name], None, max_shard_size, progress, checksums, torch_dtype,
                     lora=merge,

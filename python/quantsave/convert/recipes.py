@@ -84,9 +84,14 @@ class _Recorder(TorchFunctionMode):
         except (NotImplementedError, RuntimeError) as e:  # data-dependent: .item(), nonzero, ...
             raise Unrecordable(f"{getattr(func, '__name__', func)} needs tensor values: {e}") from e
         name = getattr(func, "__name__", "")
-        in_place = bool(args) and isinstance(args[0], torch.Tensor) and (
-            (name.endswith("_") and not name.endswith("__")) or name in ("__setitem__", "__iadd__", "__imul__")
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        in_place = first is not None and (
+            (name.endswith("_") and not name.endswith("__"))
+            or (name.startswith("__i") and name.endswith("__"))
+            or name == "__setitem__"
         )
+        if in_place and first is not None and first._base is not None and self.recipe(first._base) is not None:
+            raise Unrecordable(f"{name} writes into a view of another tensor")
         if not _tensors_in(result) and not in_place:
             return result
         call = Call(func, self._encode(tuple(args)), self._encode(kwargs), in_place)

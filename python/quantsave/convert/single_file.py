@@ -131,8 +131,10 @@ def _replay(source: Source, recipe: Recipe) -> Any:
 
     def make(dtype: torch.dtype | None) -> torch.Tensor:
         t = evaluate(recipe, source.mapped)
-        # A fresh tensor (a concatenation, a cast) is handed over as it is; a view of the map is copied.
+        # A fresh tensor (a concatenation, a cast) is handed over as it is; a view of the map,
+        # or a tensor the recipe holds (made by a converter that needs values), is copied.
         mapped = {source.mapped(k).untyped_storage().data_ptr() for k in reads}
-        return t.to(dtype=dtype or t.dtype, copy=t.untyped_storage().data_ptr() in mapped)
+        copy = not reads or t.untyped_storage().data_ptr() in mapped
+        return t.to(dtype=dtype or t.dtype, copy=copy)
 
     return make
