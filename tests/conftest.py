@@ -179,3 +179,13 @@ def check_against_reference(ours: Path, ref: Path, index_name: str) -> None:
         assert (ours / "config.json").read_bytes() == (ref / "config.json").read_bytes()
     else:
         assert files_equal(ours, ref) == []
+
+
+def quantized_on_load(model, tmp: Path, config, dtype: torch.dtype) -> Path:  # type: ignore[no-untyped-def]
+    """The reference for a float diffusers model changed in memory (a LoRA fused): saved to
+    ``tmp/merged``, loaded with ``quantization_config=config`` and saved again to ``tmp/hf``."""
+    model.save_pretrained(tmp / "merged")
+    type(model).from_pretrained(
+        tmp / "merged", quantization_config=config, torch_dtype=dtype, device_map="cpu"
+    ).save_pretrained(tmp / "hf")
+    return tmp / "hf"

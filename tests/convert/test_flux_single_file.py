@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 
 import quantsave as qs
-from conftest import files_equal
+from conftest import files_equal, quantized_on_load
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -51,12 +51,9 @@ def test_flux_file_and_kohya_lora_equal_the_reference(flux, diffusers_bnb_on_cpu
                                                       metadata=metadata)  # fmt: skip
     ref.fuse_lora(lora_scale=0.8)
     ref.unload_lora()
-    ref.save_pretrained(tmp_path / "merged")
-    del ref
     bnb = diffusers.BitsAndBytesConfig(**NF4)
-    diffusers.FluxTransformer2DModel.from_pretrained(
-        tmp_path / "merged", quantization_config=bnb, torch_dtype=bf16, device_map="cpu"
-    ).save_pretrained(tmp_path / "hf")
+    quantized_on_load(ref, tmp_path, bnb, bf16)
+    del ref
     qs.convert(file, tmp_path / "qs", bnb, torch_dtype=bf16, model_class="FluxTransformer2DModel",
                model_config=config, lora=[(lora, 0.8)])  # fmt: skip
     assert files_equal(tmp_path / "qs", tmp_path / "hf") == ["config.json"]

@@ -14,7 +14,7 @@ import torch
 import transformers
 
 import quantsave as qs
-from conftest import files_equal, tiny_llama_config
+from conftest import files_equal, quantized_on_load, tiny_llama_config
 from quantsave.errors import CheckpointError
 
 peft = pytest.importorskip("peft")
@@ -167,11 +167,8 @@ def test_sd3_diffusers_lora_equals_fuse_lora(sd3_dir, diffusers_bnb_on_cpu, tmp_
         ref.load_lora_adapter(lora, prefix="transformer")
         ref.fuse_lora(lora_scale=0.7)
         ref.unload_lora()
-        ref.save_pretrained(tmp_path / "merged")
         qc = diffusers.BitsAndBytesConfig(**NF4)
-        diffusers.SD3Transformer2DModel.from_pretrained(
-            tmp_path / "merged", quantization_config=qc, torch_dtype=dtype, device_map="cpu"
-        ).save_pretrained(tmp_path / "hf")
+        quantized_on_load(ref, tmp_path, qc, dtype)
         qs.convert(sd3_dir, tmp_path / "qs", qc, torch_dtype=dtype, lora=[(lora, 0.7)])
         # config.json differs only in the folder diffusers records (the merged copy's, ours the source's).
         assert files_equal(tmp_path / "qs", tmp_path / "hf") == ["config.json"]
@@ -235,11 +232,8 @@ def test_kohya_unet_lora_equals_load_lora_weights(diffusers_bnb_on_cpu, tmp_path
     loader.load_lora_into_unet(state_dict, alphas, unet=ref)
     ref.fuse_lora(lora_scale=0.8)
     ref.unload_lora()
-    ref.save_pretrained(tmp_path / "merged")
     qc = diffusers.BitsAndBytesConfig(**NF4)
-    diffusers.UNet2DConditionModel.from_pretrained(
-        tmp_path / "merged", quantization_config=qc, torch_dtype=torch.float32, device_map="cpu"
-    ).save_pretrained(tmp_path / "hf")
+    quantized_on_load(ref, tmp_path, qc, torch.float32)
     qs.convert(tmp_path / "unet", tmp_path / "qs", qc, torch_dtype=torch.float32,
                lora=[(tmp_path / "kohya.safetensors", 0.8)])  # fmt: skip
     assert files_equal(tmp_path / "qs", tmp_path / "hf") == ["config.json"]

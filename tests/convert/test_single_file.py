@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 
 import quantsave as qs
-from conftest import files_equal, sd3_kwargs
+from conftest import files_equal, quantized_on_load, sd3_kwargs
 from quantsave.convert import recipes
 from quantsave.errors import CheckpointError
 
@@ -90,11 +90,8 @@ def test_single_file_with_a_lora(sd3_file, single_file_bnb, tmp_path) -> None:  
     ref.load_lora_adapter(lora, prefix="transformer")
     ref.fuse_lora()
     ref.unload_lora()
-    ref.save_pretrained(tmp_path / "merged")
     bnb = diffusers.BitsAndBytesConfig(**NF4)
-    diffusers.SD3Transformer2DModel.from_pretrained(
-        tmp_path / "merged", quantization_config=bnb, torch_dtype=torch.bfloat16, device_map="cpu"
-    ).save_pretrained(tmp_path / "hf")
+    quantized_on_load(ref, tmp_path, bnb, torch.bfloat16)
     qs.convert(file, tmp_path / "qs", bnb, torch_dtype=torch.bfloat16, lora=lora,
                model_class=diffusers.SD3Transformer2DModel, model_config=config)  # fmt: skip
     assert files_equal(tmp_path / "qs", tmp_path / "hf") == ["config.json"]
