@@ -1,8 +1,10 @@
 """Conversion across ranks: ``quantsave.convert`` on one process against the same call on 2
 ranks (``torch.multiprocessing``, gloo, this machine's cores split between them), each timed
 inside the process from the call to its return after a warm-up conversion (process start and
-imports excluded), medians of several runs. The output
-folders are checked byte-identical.
+imports excluded), medians of several runs. Also one process limited to one thread
+(``QUANTSAVE_NUM_THREADS=1``, the share each rank gets): the 2-rank speedup over it is the
+scaling of the data path when each rank has a core of its own. The output folders are checked
+byte-identical. ``--dir`` on a tmpfs (``/dev/shm``) takes the disk out of the measurement.
 
 Builds a bf16 Llama-shaped checkpoint (hidden 2048, the layers given) in 1 GB shards.
 
@@ -49,6 +51,7 @@ def _rank(rank: int, world: int, port: int, src: str, dst: str, config: str, out
 
     import quantsave
 
+    torch.set_num_threads(1)  # as torchrun sets OMP_NUM_THREADS=1 (see main)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=600))
     # A first conversion pays the imports and caches, as the one-process run's warm-up does.
@@ -62,12 +65,14 @@ def _rank(rank: int, world: int, port: int, src: str, dst: str, config: str, out
     dist.destroy_process_group()
 
 
-def run(world: int, src: Path, dst: Path, config: str) -> float:
+def run(world: int, src: Path, dst: Path, config: str, threads: int | None = None) -> float:
+    """Seconds of one conversion: in this process (``world`` 1, ``threads`` None) or in
+    ``world`` spawned ranks (``threads`` each; default the cores split between them)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = dst.parent / f"seconds-{world}.txt"
-    if world == 1:
+    if world == 1 and threads is None:
         import quantsave
 
         quantsave.convert(src, dst.parent / "warm", CONFIGS[config], max_shard_size="200MB")  # imports, caches
@@ -75,7 +80,7 @@ def run(world: int, src: Path, dst: Path, config: str) -> float:
         quantsave.convert(src, dst, CONFIGS[config], max_shard_size="200MB")
         return time.perf_counter() - t0
     # Each rank gets its share of the cores (the one process uses them all).
-    os.environ["QUANTSAVE_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // world))
+    os.environ["QUANTSAVE_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 1) // world))
     mp.start_processes(_rank, args=(world, port, str(src), str(dst), config, str(out)), nprocs=world,
                        start_method="spawn")  # fmt: skip
     return float(out.read_text())
@@ -88,21 +93,34 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/qs-dist")
     ap.add_argument("--config", choices=list(CONFIGS), default="nf4-dq")
     args = ap.parse_args()
+    # torch's own thread pool at one thread in every process, as torchrun sets OMP_NUM_THREADS=1
+    # for its workers: otherwise each rank's idle OpenMP threads spin on the cores the other rank
+    # computes on (measured: the ranks' double-quant pass twice as slow), and the double-quant
+    # offsets (torch's float32 mean, which depends on the thread count) would differ between
+    # the one-process run and the ranks. The Rust threads are set apart (QUANTSAVE_NUM_THREADS).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
     root = Path(args.dir)
     src = root / f"llama-{args.layers}"
     build(src, args.layers)
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
-    times: dict[int, list[float]] = {1: [], 2: []}
+    times: dict[str, list[float]] = {"1 process": [], "1 process, 1 thread": [], "2 ranks": []}
     for _ in range(args.runs):
-        for world in (1, 2):
-            times[world].append(run(world, src, root / f"out-{world}", args.config))
-    a, b = root / "out-1", root / "out-2"
-    same = sorted(os.listdir(a)) == sorted(os.listdir(b)) and all(
-        (a / f).read_bytes() == (b / f).read_bytes() for f in os.listdir(a)
+        times["1 process"].append(run(1, src, root / "out-1", args.config))
+        times["1 process, 1 thread"].append(run(1, src, root / "out-1t", args.config, threads=1))
+        times["2 ranks"].append(run(2, src, root / "out-2", args.config))
+    outs = [root / "out-1", root / "out-1t", root / "out-2"]
+    same = all(
+        sorted(os.listdir(o)) == sorted(os.listdir(outs[0]))
+        and all((o / f).read_bytes() == (outs[0] / f).read_bytes() for f in os.listdir(o))
+        for o in outs[1:]
     )
-    one, two = statistics.median(times[1]), statistics.median(times[2])
-    print(f"{size / 1e9:.2f} GB bf16 checkpoint, {args.config}, {os.cpu_count()} CPUs, medians of {args.runs}")
-    print(f"1 process: {one:.2f} s   2 ranks: {two:.2f} s   speedup: {one / two:.2f}x (target ~2x)")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{size / 1e9:.2f} GB bf16 checkpoint, {args.config}, {os.cpu_count()} CPUs, {root}, medians of {args.runs}")
+    print("   ".join(f"{k}: {v:.2f} s" for k, v in med.items()))
+    two = med["2 ranks"]
+    print(f"2 ranks against 1 process: {med['1 process'] / two:.2f}x; against 1 process on one thread (each rank's "
+          f"share): {med['1 process, 1 thread'] / two:.2f}x (target ~2x)")  # fmt: skip
     print(f"outputs byte-identical: {same}")
     if not same:
         sys.exit(1)

@@ -25,7 +25,8 @@ def converted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     world = request.param
     out = tmp_path_factory.mktemp(f"convert{world}")
     workers.write_sources(out)
-    codes = launch(world, [*CONVERTS, "convert-hidden-src"], out, env={"QUANTSAVE_DIST_TIMEOUT": "60"})
+    codes = launch(world, [*CONVERTS, "convert-hidden-src", "mismatch-threads"], out,
+                   env={"QUANTSAVE_DIST_TIMEOUT": "60"})  # fmt: skip
     assert codes == [0] * world, codes
     return world, out
 
@@ -57,3 +58,14 @@ def test_rank_that_cannot_see_the_source_fails_every_rank(converted: tuple[int, 
             assert got["type"] == "DistributedError"
             assert "rank 1 failed during the reading of the source: FileNotFoundError" in got["error"]
     assert not (out / "convert-hidden-src").exists()
+
+
+def test_ranks_with_different_torch_threads_fail(converted: tuple[int, Path]) -> None:
+    """torch's float32 mean, which a double-quant offset records, depends on torch's thread
+    count: ranks that differ would write a mix, so they are refused."""
+    world, out = converted
+    for r in range(world):
+        got = outcome(out, "mismatch-threads", r)
+        assert not got["ok"] and got["type"] == "DistributedError", got
+        assert "rank 1: torch threads" in got["error"]
+    assert not (out / "mismatch-threads").exists()

@@ -202,6 +202,14 @@ def run(rank: int, world: int, port: int, scenarios: list[str], out_dir: str) ->
             model = fsdp(llama(), mesh)
             shard = "40KB" if rank != 1 else "50KB"
             _attempt(out, scenario, rank, model, out / scenario, quantization_config=NF4, max_shard_size=shard)
+        elif scenario == "mismatch-threads":
+            # torch's float32 mean (the double-quant offset) depends on the thread count.
+            before = torch.get_num_threads()
+            torch.set_num_threads(1 if rank == 1 else 2)
+            try:
+                _attempt_convert(out, scenario, rank, out / "src-llama", out / scenario, NF4_DQ)
+            finally:
+                torch.set_num_threads(before)
         elif scenario.startswith("kill"):
             # An old checkpoint, then a save in which rank 1 dies while writing.
             model = fsdp(llama(), mesh)

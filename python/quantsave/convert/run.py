@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from quantsave.checkpoint.writer import SaveResult
@@ -143,6 +144,8 @@ def convert(
                 "lora_merge": lora_merge,
                 "model_class": getattr(model_class, "__name__", model_class),
                 "model_config": None if model_config is None else os.path.abspath(model_config),
+                # torch's float32 mean (the double-quant offset) depends on its intra-op thread count.
+                "torch threads (torch.get_num_threads())": torch.get_num_threads(),
             }
             ranks.agree(call, "arguments")
             config = ranks.step(lambda: bnb_config(quantization_config), "the checks of the config")

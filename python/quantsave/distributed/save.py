@@ -146,6 +146,8 @@ def _call_fields(
         "metadata": metadata,
         "model class": type(model).__qualname__,
         "model tensors": [(k, list(t.shape), str(t.dtype)) for k, t in state.items()],
+        # torch's float32 mean (the double-quant offset) depends on its intra-op thread count.
+        "torch threads (torch.get_num_threads())": torch.get_num_threads(),
     }
 
 
