@@ -37,8 +37,9 @@ def test_conversion_is_the_single_process_one(case: str, converted: tuple[int, P
     for r in range(world):
         got = outcome(out, case, r)
         assert got["ok"], got.get("trace")
-    src, config, shard, loras = workers.CONVERTS[case]
-    quantsave.convert(out / src, tmp_path / "ref", config, max_shard_size=shard, lora=[out / n for n in loras])
+    src, config, shard, extra = workers.CONVERTS[case]
+    args = workers.convert_arguments(out, extra)
+    quantsave.convert(out / src, tmp_path / "ref", config, max_shard_size=shard, **args)
     names = sorted(os.listdir(tmp_path / "ref"))
     assert names == sorted(os.listdir(out / case))
     for name in names:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -85,14 +86,29 @@ CASES: dict[str, tuple[str, str, Any, Any]] = {
 }
 
 
-#: name -> (source folder under the output folder, config, max_shard_size, LoRA adapter folders
-#: under the output folder); the LoRA's weights are made in Python by the rank that owns them.
-CONVERTS: dict[str, tuple[str, Any, Any, list[str]]] = {
-    "convert-llama-nf4dq": ("src-llama", NF4_DQ, "40KB", []),
-    "convert-llama-int8-one-file": ("src-llama", INT8, None, []),
-    "convert-sd3-nf4": ("src-sd3", NF4, "15KB", []),
-    "convert-llama-lora-nf4dq": ("src-llama", NF4_DQ, "40KB", ["lora-llama"]),
+#: name -> (source under the output folder, config, max_shard_size, convert's other arguments,
+#: with paths under the output folder). The weights a LoRA merge or a single file's key mapping
+#: makes are made in Python by the rank that owns them.
+CONVERTS: dict[str, tuple[str, Any, Any, dict[str, Any]]] = {
+    "convert-llama-nf4dq": ("src-llama", NF4_DQ, "40KB", {}),
+    "convert-llama-int8-one-file": ("src-llama", INT8, None, {}),
+    "convert-sd3-nf4": ("src-sd3", NF4, "15KB", {}),
+    "convert-llama-lora-nf4dq": ("src-llama", NF4_DQ, "40KB", {"lora": ["lora-llama"]}),
+    "convert-sd3-single-file-nf4dq": (
+        "src-sd3-single/sd3.safetensors", NF4_DQ, "15KB",
+        {"model_class": "SD3Transformer2DModel", "model_config": "src-sd3-single/config", "torch_dtype": "float32"},
+    ),
 }
+
+
+def convert_arguments(out: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """A case's other arguments with its paths made absolute."""
+    args = dict(extra)
+    if "lora" in args:
+        args["lora"] = [out / name for name in args["lora"]]
+    if "model_config" in args:
+        args["model_config"] = out / args["model_config"]
+    return args
 
 
 def write_sources(out: Path) -> None:
@@ -105,6 +121,15 @@ def write_sources(out: Path) -> None:
     torch.manual_seed(5)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
     peft.get_peft_model(llama(), config).save_pretrained(out / "lora-llama")
+    # The SD3 transformer as an original single file (tests/convert/originals.py).
+    import safetensors.torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "convert"))
+    from originals import sd3_original
+
+    model = sd3()
+    model.save_config(out / "src-sd3-single" / "config")
+    safetensors.torch.save_file(sd3_original(model.state_dict(), 2), out / "src-sd3-single" / "sd3.safetensors")
 
 
 def build(case: str, mesh: Any) -> Any:
@@ -186,9 +211,9 @@ def run(rank: int, world: int, port: int, scenarios: list[str], out_dir: str) ->
             qc = None if sharding == "quantized" else config
             _attempt(out, scenario, rank, model, out / scenario, quantization_config=qc, max_shard_size=shard)
         elif scenario in CONVERTS:
-            src, config, shard, loras = CONVERTS[scenario]
-            lora = [out / name for name in loras]
-            _attempt_convert(out, scenario, rank, out / src, out / scenario, config, max_shard_size=shard, lora=lora)
+            src, config, shard, extra = CONVERTS[scenario]
+            _attempt_convert(out, scenario, rank, out / src, out / scenario, config, max_shard_size=shard,
+                             **convert_arguments(out, extra))  # fmt: skip
         elif scenario == "convert-hidden-src":
             if rank == 1:
                 from quantsave.convert import model as convert_model
