@@ -20,12 +20,13 @@ dtype it is quantized from, is the base layer's weight), so the arithmetic is th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -383,7 +384,8 @@ def _lora_loaders() -> dict[str, list[tuple[type, str]]]:
     found: dict[str, list[tuple[type, str]]] = {}
     for name in sorted(n for n in dir(diffusers) if n.endswith("Pipeline")):
         try:
-            cls = getattr(diffusers, name)
+            with _quiet("transformers", "diffusers"):  # importing a pipeline warns of its missing extras
+                cls = getattr(diffusers, name)
         except (ImportError, AttributeError, RuntimeError, OSError):  # a pipeline whose extras are missing
             continue
         mixin = next((m for m in getattr(cls, "__mro__", ()) if m in mixins), None)
@@ -399,6 +401,19 @@ def _lora_loaders() -> dict[str, list[tuple[type, str]]]:
     for entries in found.values():
         entries.sort(key=lambda e: e[0].__name__)
     return found
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str) -> Iterator[None]:
+    """The named loggers at ERROR meanwhile."""
+    levels = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _classes(annotation: Any) -> list[str]:
