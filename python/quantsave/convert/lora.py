@@ -106,8 +106,8 @@ class LoraMerge:
         #: In a pipeline folder: the pipeline's LoRA loader mixin and the component's name (its
         #: prefix in a diffusers LoRA file).
         self.component = component
-        #: How many weights the adapters were merged into (a pipeline's components add theirs
-        #: to the merge they were made from).
+        #: How many weights the adapters were merged into (a pipeline's components count in
+        #: the merge they were made from).
         self.merged = 0
         self._parent: LoraMerge | None = None
         #: In a pipeline folder with a UNet: its config, which the pipeline's LoRA loader reads
@@ -170,8 +170,6 @@ class LoraMerge:
                 modules = _read_text_encoder(path, model, scale, self.component, self.unet_config)
             else:
                 modules = _read_peft(path, scale)
-            if not modules:
-                continue
             for name, m in modules.items():
                 key = model_keys.get(f"{name}.weight")
                 if key is None:
@@ -193,9 +191,7 @@ class LoraMerge:
                         f"the weight {key!r} is [{out_f}, {in_f}]"
                     )
                 merges.setdefault(key, []).append(m)
-        for target in (self, self._parent):
-            if target is not None:
-                target.merged += len(merges)
+        (self._parent or self).merged += len(merges)
         flipped = {model_keys[f"{m}.weight"] for m in transposed if f"{m}.weight" in model_keys}
         quantized = {model_keys[f"{m}.weight"] for m in targets if f"{m}.weight" in model_keys}
         for key, adapters in merges.items():
@@ -203,8 +199,6 @@ class LoraMerge:
             source.derived[key] = _merged(source, key, adapters, merge, quantization, key in flipped)
             if merge == "quantized" and quantization.bits == 4:
                 source.quantized_as[key] = functools.partial(quantized_merge_dtype, adapters)
-            if key not in source.stored:
-                source.stored[key] = {source.names.get(key, key)}
 
 
 def _merged(source: Any, key: str, modules: list[_Module], merge: str, quantization: Any,
@@ -308,7 +302,6 @@ def _read_peft(path: Path, scale: float) -> dict[str, _Module]:
     by the model's module names."""
     try:
         from peft import LoraConfig
-        from peft.utils.other import get_pattern_key
     except ImportError as e:
         raise ImportError("merging a LoRA adapter needs peft: pip install peft") from e
     folder = path if path.is_dir() else path.parent
@@ -322,19 +315,8 @@ def _read_peft(path: Path, scale: float) -> dict[str, _Module]:
     if raw.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"LoRA {str(path)!r}: a {raw.get('peft_type')} adapter, not LoRA")
     config = LoraConfig.from_pretrained(str(folder))
-    origin = repr(str(path))
-    if config.lora_bias:
-        raise ValueError(f"LoRA {origin}: lora_bias=True adapters are not supported yet")
     tensors = open_checkpoint(weights).state_dict()
-    grouped = _group(tensors, "base_model.model.", origin)
-    out: dict[str, _Module] = {}
-    for name, parts in grouped.items():
-        r_key = get_pattern_key(config.rank_pattern.keys(), name)
-        alpha_key = get_pattern_key(config.alpha_pattern.keys(), name)
-        r = config.rank_pattern.get(r_key, config.r)
-        alpha = config.alpha_pattern.get(alpha_key, config.lora_alpha)
-        out[name] = _module(parts, config, r, alpha, scale, torch.float32, False, origin, name)
-    return out
+    return _modules(tensors, "base_model.model.", config, scale, torch.float32, False, repr(str(path)))
 
 
 def _group(tensors: dict[str, torch.Tensor], prefix: str, origin: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -359,15 +341,26 @@ def _group(tensors: dict[str, torch.Tensor], prefix: str, origin: str) -> dict[s
     return grouped
 
 
-def _module(parts: dict[str, torch.Tensor], config: Any, r: int, alpha: float, scale: float,
-            adapter_dtype: torch.dtype | None, diffusers: bool, origin: str, name: str) -> _Module:  # fmt: skip
-    if "A" not in parts or "B" not in parts:
-        missing = "lora_A" if "A" not in parts else "lora_B"
-        raise CheckpointError(f"LoRA {origin}: {name!r} has no {missing} weight")
-    if getattr(config, "use_dora", False) and "M" not in parts:
-        raise CheckpointError(f"LoRA {origin}: {name!r} is a DoRA adapter without its magnitude vector")
-    return _Module(config, int(r), alpha, parts["A"], parts["B"], parts.get("M"), scale, adapter_dtype, diffusers,
-                   origin)  # fmt: skip
+def _modules(tensors: dict[str, torch.Tensor], prefix: str, config: Any, scale: float,
+             adapter_dtype: torch.dtype | None, diffusers: bool, origin: str) -> dict[str, _Module]:  # fmt: skip
+    """The adapter of each module (keys ``<prefix><module>.lora_A.weight``, ...), its rank and
+    alpha resolved from ``config``'s patterns as peft's ``LoraModel`` resolves them."""
+    from peft.utils.other import get_pattern_key
+
+    if config.lora_bias:
+        raise ValueError(f"LoRA {origin}: lora_bias adapters are not supported yet")
+    out: dict[str, _Module] = {}
+    for name, parts in _group(tensors, prefix, origin).items():
+        if "A" not in parts or "B" not in parts:
+            missing = "lora_A" if "A" not in parts else "lora_B"
+            raise CheckpointError(f"LoRA {origin}: {name!r} has no {missing} weight")
+        if getattr(config, "use_dora", False) and "M" not in parts:
+            raise CheckpointError(f"LoRA {origin}: {name!r} is a DoRA adapter without its magnitude vector")
+        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha)
+        out[name] = _Module(config, int(r), alpha, parts["A"], parts["B"], parts.get("M"), scale, adapter_dtype,
+                            diffusers, origin)  # fmt: skip
+    return out
 
 
 # -- diffusers LoRA files (diffusers models) --------------------------------------------------
@@ -481,7 +474,6 @@ def _read_diffusers(
     try:
         from diffusers.utils.peft_utils import _create_lora_config
         from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
-        from peft.utils.other import get_pattern_key
     except ImportError as e:
         raise ImportError("merging a LoRA into a diffusers model needs diffusers and peft: pip install peft") from e
     origin = repr(str(path))
@@ -509,16 +501,7 @@ def _read_diffusers(
     config = _create_lora_config(  # type: ignore[no-untyped-call]
         state_dict, alphas or None, metadata or None, rank, model_state_dict=model.state_dict(), adapter_name=_ADAPTER
     )
-    if config.lora_bias:
-        raise ValueError(f"LoRA {origin}: lora_bias adapters are not supported yet")
-    out: dict[str, _Module] = {}
-    for name, parts in _group(state_dict, "", origin).items():
-        r_key = get_pattern_key(config.rank_pattern.keys(), name)
-        alpha_key = get_pattern_key(config.alpha_pattern.keys(), name)
-        r = config.rank_pattern.get(r_key, config.r)
-        alpha = config.alpha_pattern.get(alpha_key, config.lora_alpha)
-        out[name] = _module(parts, config, r, alpha, scale, None, True, origin, name)
-    return out
+    return _modules(state_dict, "", config, scale, None, True, origin)
 
 
 def _read_text_encoder(
@@ -531,7 +514,6 @@ def _read_text_encoder(
     try:
         from diffusers.utils.peft_utils import _create_lora_config
         from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
-        from peft.utils.other import get_pattern_key
     except ImportError as e:
         raise ImportError("merging a LoRA into a pipeline needs diffusers and peft: pip install peft") from e
     mixin, prefix = component
@@ -549,14 +531,7 @@ def _read_text_encoder(
             if key in state_dict:
                 rank[key] = state_dict[key].shape[1]
     config = _create_lora_config(state_dict, alphas or None, metadata or None, rank, is_unet=False)  # type: ignore[no-untyped-call]
-    if config.lora_bias:
-        raise ValueError(f"LoRA {origin}: lora_bias adapters are not supported yet")
-    out: dict[str, _Module] = {}
-    for name, parts in _group(state_dict, "", origin).items():
-        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
-        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha)
-        out[name] = _module(parts, config, r, alpha, scale, None, True, origin, name)
-    return out
+    return _modules(state_dict, "", config, scale, None, True, origin)
 
 
 def _unpack(loaded: Any) -> tuple[dict[str, torch.Tensor], dict[str, float] | None, dict[str, Any] | None]:

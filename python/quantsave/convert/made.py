@@ -26,11 +26,16 @@ def made_weight(source: Any, key: str, cast: str | None, transposed: bool) -> to
 
 def made_offset(source: Any, key: str, blocksize: int, cast: str | None, transposed: bool) -> float:
     """The double-quant offset of a made weight: the mean of its blocks' absmax, as the Rust
-    converter computes it for a stored one (float32 absmax, torch's mean)."""
-    _, state = codec.quantize_4bit(made_weight(source, key, cast, transposed), blocksize=blocksize, quant_type="nf4")
+    converter computes it for a stored one (float32 absmax, exact; torch's mean)."""
+    flat = made_weight(source, key, cast, transposed).reshape(-1)
+    if not flat.numel():
+        return float("nan")
+    short = -flat.numel() % blocksize
+    blocks = (torch.nn.functional.pad(flat, (0, short)) if short else flat).view(-1, blocksize)
+    absmax = torch.maximum(blocks.amax(dim=1).abs(), blocks.amin(dim=1).abs()).float()  # no copy of the weight
     source.release(key)
     give_back_memory()
-    return state.absmax.mean().item() if state.absmax.numel() else float("nan")
+    return absmax.mean().item()
 
 
 def run_made(source: Any, ops: list[tuple[Any, ...]], writer_of: Callable[[str], Any], bar: Any) -> None:

@@ -149,11 +149,10 @@ def _plan_model(
     json_files = model_config_files(
         model, family, quantizer.config_dict(family), dtype=output_dtype(model, written, targets)
     )
-    conv1d = {t for t in targets if is_conv1d(model.get_submodule(t))}
+    conv1d = {n for n, m in model.named_modules() if is_conv1d(m)}  # GPT-2's: weights stored [in, out]
     if lora is not None:
-        flipped = {n for n, m in model.named_modules() if is_conv1d(m)}
-        lora.apply(source, model, family is DIFFUSERS, order.model_keys, config, flipped, targets)
-    out = plan_output(source, order.pairs, targets, config, dtypes, conv1d)
+        lora.apply(source, model, family is DIFFUSERS, order.model_keys, config, conv1d, targets)
+    out = plan_output(source, order.pairs, targets, config, dtypes, conv1d & targets)
     if family is TRANSFORMERS:
         out.parameters = parameter_count(model, targets, config)
         saved_order(model, source, order, out, dtypes)

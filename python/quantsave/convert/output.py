@@ -16,7 +16,7 @@ from torch import nn
 from quantsave import _core
 from quantsave.backends.bitsandbytes import layout as bnb_layout
 from quantsave.backends.bitsandbytes.config import BitsAndBytesConfig
-from quantsave.checkpoint.tensors import NAME_TO_DTYPE, dtype_name
+from quantsave.checkpoint.tensors import NAME_TO_DTYPE
 from quantsave.conversions import KeyPlan, plan_keys, realize, saved_layout
 from quantsave.convert.dtypes import Dtypes
 from quantsave.convert.made import made_offset
@@ -385,7 +385,7 @@ def _add_state(
         offset = offset_of(str(source.files[file]), key, bs, cast, flip)
     quantized_as = torch_name(cast or dtype)
     if key in source.quantized_as:
-        quantized_as = torch_name(dtype_name(source.quantized_as[key](NAME_TO_DTYPE[cast or dtype])))
+        quantized_as = str(source.quantized_as[key](NAME_TO_DTYPE[cast or dtype])).removeprefix("torch.")
     state = bnb_layout.quant_state_json(qt, quantized_as, [rows, cols], offset) if config.bits == 4 else b""
     specs = bnb_layout.state_specs(
         model_key, rows, cols, bits=config.bits, quant_type=qt, double=offset is not None, state_len=len(state)

@@ -66,9 +66,10 @@ def convert_pipeline(
         cfg = read_config(src / name)
         if cfg is not None and cfg.get("quantization_config") is not None:
             raise ValueError(f"pipeline component {name!r} is already quantized")
-    pipeline = index.get("_class_name")
-    unet_config = read_config(src / "unet") if (src / "unet" / "config.json").is_file() else None
+    pipeline, unet_config = index.get("_class_name"), None
     if lora is not None:
+        # The pipeline's LoRA loader maps SGM block names with its UNet's config.
+        unet_config = read_config(src / "unet") if (src / "unet" / "config.json").is_file() else None
         lora.check_pipeline(pipeline, list(configs), with_weights, unet_config)
     result = SaveResult(directory=dst)
     # The whole pipeline folder is staged and swapped in at once (see quantsave.checkpoint.commit).

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Call", "Item", "Leaf", "Recipe", "Unrecordable", "evaluate", "leaves", "record"]
+__all__ = ["Call", "Item", "Leaf", "Recipe", "Unrecordable", "evaluate", "held", "leaves", "record"]
 
 
 class Unrecordable(RuntimeError):
@@ -141,12 +141,18 @@ def record(
         if found is None:
             if t.device.type == "meta":
                 raise Unrecordable(f"the conversion made {key!r} in a way the recording cannot follow")
-            found = Call(_constant, (t,), {})
+            found = held(t)
         out[key] = (found, t.dtype, list(t.shape))
     return out
 
 
-def _constant(t: torch.Tensor) -> torch.Tensor:
+def held(t: torch.Tensor) -> Recipe:
+    """The recipe of a tensor that exists already (a constant the converter made, or the
+    output of a conversion run on the real tensors): it is its own value."""
+    return Call(_same, (t,), {})
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
     return t
 
 

@@ -15,9 +15,10 @@ from torch import nn
 
 from quantsave.checkpoint.reader import open_checkpoint
 from quantsave.checkpoint.tensors import NAME_TO_DTYPE, dtype_name
-from quantsave.convert.recipes import Call, Leaf, Recipe, Unrecordable, evaluate, leaves, record
+from quantsave.convert.recipes import Leaf, Recipe, Unrecordable, evaluate, held, leaves, record
 from quantsave.convert.source import Source
 from quantsave.errors import CheckpointError
+from quantsave.load import _empty_weights
 
 __all__ = ["read_single_file"]
 
@@ -61,8 +62,6 @@ def read_single_file(
             raise ValueError(f"model_config: no config.json in {str(config_dir)!r}{where}")
         subfolder = sub
     config = cls.load_config(str(config_dir), subfolder=subfolder, local_files_only=True)
-    from quantsave.load import _empty_weights
-
     with _empty_weights():
         model = cls.from_config(config)
 
@@ -93,7 +92,7 @@ def read_single_file(
                 converted = mapped(ckpt.state_dict())
             except (KeyError, IndexError, ValueError, RuntimeError) as err:
                 raise _not_understood(path, mapping, err) from err
-            recipes = {k: (Call(_held, (t,), {}), t.dtype, list(t.shape)) for k, t in converted.items()}
+            recipes = {k: (held(t), t.dtype, list(t.shape)) for k, t in converted.items()}
         except (KeyError, IndexError, ValueError) as e:
             raise _not_understood(path, mapping, e) from e
     else:
@@ -106,10 +105,6 @@ def _not_understood(path: Path, mapping: str, e: BaseException) -> CheckpointErr
         f"{path}: diffusers' single-file conversion for {mapping} does not understand this checkpoint "
         f"({type(e).__name__}: {e}); is it an original {mapping} file?"
     )
-
-
-def _held(t: torch.Tensor) -> torch.Tensor:
-    return t
 
 
 def _source(path: Path, ckpt: Any, recipes: dict[str, tuple[Recipe, torch.dtype, list[int]]]) -> Source:

@@ -78,40 +78,30 @@ def write_conversion(
     result = SaveResult(directory=dst, files=list(file_names), num_shards=len(plan.shards))
     # Everything is written into a staging folder that replaces `dst` in one atomic step.
     with staged_directory(dst, fsync=fsync_enabled()) as stage:
-        total_in = sum(op_bytes) + sum(made_bytes)
-        bar = progress_bar(sys.stderr.isatty() if progress is None else progress, total_in, "Converting", unit="B")
+        bar = _bar(progress, sum(op_bytes) + sum(made_bytes))
+        # With made tensors, Python creates the files and writes them into the ones the Rust
+        # converter fills (attached); otherwise the converter creates the files itself.
+        writers = [
+            _core.StreamWriter(stage / fname, tensors, header, shared=True)
+            for fname, (tensors, header) in zip(file_names, shard_specs, strict=True)
+        ] if made else []  # fmt: skip
         try:
-            if not made:
-                conversion = _core.Conversion(
-                    [str(f) for f in source.files],
-                    [(stage / fname, *spec) for fname, spec in zip(file_names, shard_specs, strict=True)],
-                    ops,
-                    chunk_elems=CHUNK_ELEMS,
-                    fsync=fsync_enabled(),
-                )
-                result.total_bytes = sum(_run(conversion, bar))
-            else:
-                # Python writes the tensors it makes into the files the Rust converter fills.
-                writers = [
-                    _core.StreamWriter(stage / fname, tensors, header, shared=True)
-                    for fname, (tensors, header) in zip(file_names, shard_specs, strict=True)
-                ]
-                try:
-                    conversion = _core.Conversion(
-                        [str(f) for f in source.files],
-                        [(stage / fname, *spec) for fname, spec in zip(file_names, shard_specs, strict=True)],
-                        ops,
-                        chunk_elems=CHUNK_ELEMS,
-                        fsync=fsync_enabled(),
-                        temps=[w.temp_path for w in writers],  # type: ignore[misc]
-                    )
-                    _run(conversion, bar)
-                    run_made(source, made, lambda target: writers[shard_of[target]], bar)
-                    result.total_bytes = sum(w.finish(fsync=fsync_enabled()) for w in writers)
-                finally:
-                    for w in writers:
-                        w.abort()
+            conversion = _core.Conversion(
+                [str(f) for f in source.files],
+                [(stage / fname, *spec) for fname, spec in zip(file_names, shard_specs, strict=True)],
+                ops,
+                chunk_elems=CHUNK_ELEMS,
+                fsync=fsync_enabled(),
+                temps=[w.temp_path for w in writers] if made else None,  # type: ignore[misc]
+            )
+            sizes = _run(conversion, bar)
+            if made:
+                run_made(source, made, lambda target: writers[shard_of[target]], bar)
+                sizes = [w.finish(fsync=fsync_enabled()) for w in writers]
+            result.total_bytes = sum(sizes)
         finally:
+            for w in writers:
+                w.abort()
             if bar is not None:
                 bar.close()
         hashes = None
@@ -161,8 +151,7 @@ def _write_across(
             fsync=fsync_enabled(),
             temps=[shared.temps[i] for i in range(len(plan.file_names))],
         )
-        bar = progress_bar(ranks.rank == 0 and (sys.stderr.isatty() if progress is None else progress), total,
-                           "Converting", unit="B")  # fmt: skip
+        bar = _bar(progress if ranks.rank == 0 else False, total)
         try:
             _run(conversion, bar)
             run_made(source, mine_made, lambda target: shared.writer(shard_of[target]), bar)
@@ -211,6 +200,11 @@ def _rust_op(op: tuple[Any, ...], shard_of: dict[str, int], names: dict[str, str
         cast=cast,
         transposed=transposed,
     )
+
+
+def _bar(progress: bool | None, total: int) -> Any:
+    """A byte progress bar over the conversion when asked, or by default on a TTY (or None)."""
+    return progress_bar(sys.stderr.isatty() if progress is None else progress, total, "Converting", unit="B")
 
 
 def _run(conversion: _core.Conversion, bar: Any) -> list[int]:
