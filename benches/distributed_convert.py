@@ -6,6 +6,11 @@ imports excluded), medians of several runs. Also one process limited to one thre
 scaling of the data path when each rank has a core of its own. The output folders are checked
 byte-identical. ``--dir`` on a tmpfs (``/dev/shm``) takes the disk out of the measurement.
 
+Also the data path on its own (``SaveResult.timings``: the double-quant pass and the pass that
+reads, quantizes and writes the tensors; for the ranks, the slowest rank's of each, the two
+passes being separated by an exchange): what splits across ranks, without the planning every
+rank repeats and the commit.
+
 Builds a bf16 Llama-shaped checkpoint (hidden 2048, the layers given) in 1 GB shards.
 
 Usage: python benches/distributed_convert.py [--layers 8] [--runs 3] [--dir /tmp/qs-dist] [--config nf4-dq]
@@ -14,6 +19,7 @@ Usage: python benches/distributed_convert.py [--layers 8] [--runs 3] [--dir /tmp
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
@@ -58,16 +64,20 @@ def _rank(rank: int, world: int, port: int, src: str, dst: str, config: str, out
     quantsave.convert(src, Path(dst).parent / f"warm-{world}", CONFIGS[config], max_shard_size="200MB")
     dist.barrier()
     t0 = time.perf_counter()
-    quantsave.convert(src, dst, CONFIGS[config], max_shard_size="200MB")
+    result = quantsave.convert(src, dst, CONFIGS[config], max_shard_size="200MB")
     seconds = time.perf_counter() - t0
-    if rank == 0:
-        Path(out).write_text(str(seconds))
+    Path(f"{out}.{rank}").write_text(json.dumps({"seconds": seconds, **result.timings}))
     dist.destroy_process_group()
 
 
-def run(world: int, src: Path, dst: Path, config: str, threads: int | None = None) -> float:
-    """Seconds of one conversion: in this process (``world`` 1, ``threads`` None) or in
-    ``world`` spawned ranks (``threads`` each; default the cores split between them)."""
+def _data_path(timings: dict[str, float]) -> float:
+    return timings.get("offsets", 0.0) + timings.get("write", 0.0)
+
+
+def run(world: int, src: Path, dst: Path, config: str, threads: int | None = None) -> tuple[float, float]:
+    """Seconds of one conversion and of its data path: in this process (``world`` 1,
+    ``threads`` None) or in ``world`` spawned ranks (``threads`` each; default the cores split
+    between them)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -77,13 +87,15 @@ def run(world: int, src: Path, dst: Path, config: str, threads: int | None = Non
 
         quantsave.convert(src, dst.parent / "warm", CONFIGS[config], max_shard_size="200MB")  # imports, caches
         t0 = time.perf_counter()
-        quantsave.convert(src, dst, CONFIGS[config], max_shard_size="200MB")
-        return time.perf_counter() - t0
+        result = quantsave.convert(src, dst, CONFIGS[config], max_shard_size="200MB")
+        return time.perf_counter() - t0, _data_path(result.timings)
     # Each rank gets its share of the cores (the one process uses them all).
     os.environ["QUANTSAVE_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 1) // world))
     mp.start_processes(_rank, args=(world, port, str(src), str(dst), config, str(out)), nprocs=world,
                        start_method="spawn")  # fmt: skip
-    return float(out.read_text())
+    ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
+    data = max(t.get("offsets", 0.0) for t in ranks) + max(t.get("write", 0.0) for t in ranks)
+    return ranks[0]["seconds"], data
 
 
 def main() -> None:
@@ -104,23 +116,27 @@ def main() -> None:
     src = root / f"llama-{args.layers}"
     build(src, args.layers)
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
-    times: dict[str, list[float]] = {"1 process": [], "1 process, 1 thread": [], "2 ranks": []}
+    variants = {"1 process": (1, "out-1", None), "1 process, 1 thread": (1, "out-1t", 1), "2 ranks": (2, "out-2", None)}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    data: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.runs):
-        times["1 process"].append(run(1, src, root / "out-1", args.config))
-        times["1 process, 1 thread"].append(run(1, src, root / "out-1t", args.config, threads=1))
-        times["2 ranks"].append(run(2, src, root / "out-2", args.config))
+        for name, (world, folder, threads) in variants.items():
+            seconds, data_seconds = run(world, src, root / folder, args.config, threads)
+            times[name].append(seconds)
+            data[name].append(data_seconds)
     outs = [root / "out-1", root / "out-1t", root / "out-2"]
     same = all(
         sorted(os.listdir(o)) == sorted(os.listdir(outs[0]))
         and all((o / f).read_bytes() == (outs[0] / f).read_bytes() for f in os.listdir(o))
         for o in outs[1:]
     )
-    med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{size / 1e9:.2f} GB bf16 checkpoint, {args.config}, {os.cpu_count()} CPUs, {root}, medians of {args.runs}")
-    print("   ".join(f"{k}: {v:.2f} s" for k, v in med.items()))
-    two = med["2 ranks"]
-    print(f"2 ranks against 1 process: {med['1 process'] / two:.2f}x; against 1 process on one thread (each rank's "
-          f"share): {med['1 process, 1 thread'] / two:.2f}x (target ~2x)")  # fmt: skip
+    for label, seconds in (("whole call", times), ("data path", data)):
+        med = {k: statistics.median(v) for k, v in seconds.items()}
+        two = med["2 ranks"]
+        print(f"{label}: " + "   ".join(f"{k}: {v:.2f} s" for k, v in med.items()))
+        print(f"  2 ranks against 1 process: {med['1 process'] / two:.2f}x; against 1 process on one thread (each "
+              f"rank's share): {med['1 process, 1 thread'] / two:.2f}x (target ~2x)")  # fmt: skip
     print(f"outputs byte-identical: {same}")
     if not same:
         sys.exit(1)

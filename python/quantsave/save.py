@@ -139,7 +139,7 @@ def save_model(
 
     result = SaveResult(directory=directory, num_shards=len(plan.shards))
     # Everything is written into a staging folder that replaces `directory` in one atomic step.
-    with staged_directory(directory, fsync=fsync_enabled()) as stage:
+    with staged_directory(directory, fsync=fsync_enabled(), rewritten=plan.file_names) as stage:
         tensors = ShardTensors(state_dict, dtypes, files.header_metadata)
         hashes = write_shards(
             stage, plan, tensors, result,

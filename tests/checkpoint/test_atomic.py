@@ -19,7 +19,7 @@ from torch import nn
 
 import quantsave as qs
 from quantsave import _core
-from quantsave.checkpoint.commit import stale_stages
+from quantsave.checkpoint.commit import staged_directory, stale_stages
 
 SHARD = "400KB"
 
@@ -145,6 +145,30 @@ def test_unwritten_files_carry_over_and_stale_ones_go(tmp_path) -> None:  # type
     assert (folder / "extra" / "notes.txt").read_text() == "keep me"
     assert (folder / "tokenizer.json").stat().st_ino == inode  # linked over, not copied
     assert same(state(folder), {k: v.detach() for k, v in model(2).state_dict().items()})
+
+
+def test_rewritten_files_are_not_linked_into_the_stage(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # A file the save writes anew is left out of the stage (no rename over a link, which makes
+    # ext4 flush the new file at once); the old folder's file is never touched either way.
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"old weights")
+    (folder / "README.md").write_text("card")
+    old = folder / "model.safetensors"
+    inode = old.stat().st_ino
+    with open(old, "rb") as reader:
+        with pytest.raises(RuntimeError), staged_directory(folder, rewritten=["model.safetensors"]) as stage:
+            assert not (stage / "model.safetensors").exists()
+            assert (stage / "README.md").stat().st_ino == (folder / "README.md").stat().st_ino
+            raise RuntimeError("the save fails")
+        assert (folder / "model.safetensors").read_bytes() == b"old weights"
+        with staged_directory(folder, rewritten=["model.safetensors", "absent.json"]) as stage:
+            (stage / "model.safetensors").write_bytes(b"new weights")
+        assert reader.read() == b"old weights"  # an open reader keeps the old file
+    assert (folder / "model.safetensors").read_bytes() == b"new weights"
+    assert (folder / "model.safetensors").stat().st_ino != inode
+    assert (folder / "README.md").read_text() == "card"
+    assert stage_leftovers(folder) == []
 
 
 def test_symlinked_target_and_no_exchange(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

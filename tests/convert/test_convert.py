@@ -106,3 +106,17 @@ def test_convert_refuses_bad_input(llama_dir, tmp_path) -> None:  # type: ignore
     with pytest.raises(ValueError, match="must differ"):
         qs.convert(llama_dir, llama_dir, nf4)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_result_times_its_phases(llama_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    config = qs.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True)
+    result = qs.convert(llama_dir, tmp_path / "dq", config, max_shard_size="60KB")
+    assert set(result.timings) == {"plan", "offsets", "write", "commit"}
+    assert all(v >= 0 for v in result.timings.values())
+    assert result.timings["offsets"] > 0 and result.timings["write"] > 0
+    assert sum(result.timings.values()) == pytest.approx(result.seconds, abs=1e-6)
+    # Without double quant there is no offset pass.
+    result = qs.convert(llama_dir, tmp_path / "int8", qs.BitsAndBytesConfig(load_in_8bit=True))
+    assert "offsets" not in result.timings and result.timings["write"] > 0
+    # save_quantized records none.
+    assert qs.save_quantized(torch.nn.Linear(4, 4), tmp_path / "plain").timings == {}

@@ -29,7 +29,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -100,23 +100,24 @@ def stale_stages(target: Path) -> list[Path]:
     return [e for e in entries if pattern.match(e.name) and e.is_dir() and not e.is_symlink() and _abandoned(e)]
 
 
-
-
-def _link_tree(src: Path, dst: Path, seen: set[str], prefix: str = "") -> None:
+def _link_tree(src: Path, dst: Path, seen: set[str], skip: Collection[str] = (), prefix: str = "") -> None:
     """Recreates ``src``'s files in ``dst`` as hard links (copies where linking fails), leaving
-    out temporaries of interrupted writes, and records every entry's relative path in ``seen``;
-    folder attributes are copied last, so a read-only folder is still filled."""
+    out temporaries of interrupted writes and the files named in ``skip`` (relative paths), and
+    records every entry's relative path in ``seen``; folder attributes are copied last, so a
+    read-only folder is still filled."""
     for entry in src.iterdir():
         if is_temp_name(entry.name):
             continue
         rel = prefix + entry.name
         seen.add(rel)
         target = dst / entry.name
+        if rel in skip and entry.is_file() and not entry.is_symlink():
+            continue
         if entry.is_symlink():
             os.symlink(os.readlink(entry), target)
         elif entry.is_dir():
             target.mkdir()
-            _link_tree(entry, target, seen, rel + "/")
+            _link_tree(entry, target, seen, skip, rel + "/")
             shutil.copystat(entry, target)
         elif entry.is_file():
             try:
@@ -181,9 +182,14 @@ def _repair(target: Path) -> None:
 
 
 @contextmanager
-def staged_directory(target: str | os.PathLike[str], *, fsync: bool = False) -> Iterator[Path]:
+def staged_directory(
+    target: str | os.PathLike[str], *, fsync: bool = False, rewritten: Collection[str] = ()
+) -> Iterator[Path]:
     """Yields the folder to write the checkpoint into; commits it as ``target`` atomically when
-    the block ends without an error (see the module docstring).
+    the block ends without an error (see the module docstring). ``rewritten``: files (paths
+    relative to the folder) the save writes anew, not linked from the old folder into the
+    stage: a new file renamed over a link makes ext4 flush all of it to the disk on the spot
+    (``auto_da_alloc``), which the background writeback would otherwise do.
 
     Raises:
         NotADirectoryError: ``target`` exists and is not a folder.
@@ -219,7 +225,7 @@ def staged_directory(target: str | os.PathLike[str], *, fsync: bool = False) -> 
     try:
         try:
             if target.is_dir():
-                _link_tree(target, stage, seen)
+                _link_tree(target, stage, seen, frozenset(rewritten))
             yield stage
             if target.is_dir():
                 shutil.copystat(target, stage)

@@ -9,6 +9,10 @@ import json
 import os
 import re
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,8 @@ __all__ = [
     "ShardTensors",
     "finish_checkpoint",
     "progress_bar",
+    "timed",
+    "timings",
     "write_checksums",
     "write_shards",
 ]
@@ -35,6 +41,31 @@ __all__ = [
 #: Host bytes gathered per write call for tensors that live on an accelerator.
 _DEVICE_BATCH_BYTES = 1 << 30
 _SHARD_RE = re.compile(r"(.*?)-\d{5}-of-\d{5}")
+#: The phase seconds being collected (see ``timings``), or None.
+_TIMINGS: ContextVar[dict[str, float] | None] = ContextVar("quantsave_timings", default=None)
+
+
+@contextmanager
+def timings() -> Iterator[dict[str, float]]:
+    """Collects the seconds of the ``timed`` phases run inside the block (``SaveResult.timings``)."""
+    collected: dict[str, float] = {}
+    token = _TIMINGS.set(collected)
+    try:
+        yield collected
+    finally:
+        _TIMINGS.reset(token)
+
+
+@contextmanager
+def timed(phase: str) -> Iterator[None]:
+    """Adds the block's seconds to ``phase`` in the ``timings`` being collected, if any."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        collected = _TIMINGS.get()
+        if collected is not None:
+            collected[phase] = collected.get(phase, 0.0) + time.perf_counter() - t0
 
 
 @dataclass
@@ -46,6 +77,13 @@ class SaveResult:
     total_bytes: int = 0
     num_shards: int = 0
     seconds: float = 0.0
+    #: Where a conversion's seconds went, on this process: ``plan`` (reading the source and
+    #: planning the output), ``offsets`` (the double-quant pass over the weights), ``write``
+    #: (reading, quantizing and writing the tensors), ``commit`` (the rest: completing the
+    #: files, the index and config files, the atomic commit). Under ``torch.distributed``,
+    #: ``offsets`` and ``write`` time this rank's share of the work; the waits for the other
+    #: ranks fall in ``plan`` and ``commit``. Empty for ``save_quantized``.
+    timings: dict[str, float] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return (

@@ -14,7 +14,7 @@ from quantsave.backends.bitsandbytes.config import BitsAndBytesConfig
 from quantsave.backends.bitsandbytes.quantizer import BitsAndBytesQuantizer
 from quantsave.backends.config import resolve_config
 from quantsave.backends.modules import is_conv1d
-from quantsave.checkpoint.writer import SaveResult
+from quantsave.checkpoint.writer import SaveResult, timings
 from quantsave.convert.dtypes import tensor_dtypes
 from quantsave.convert.lora import LoraMerge
 from quantsave.convert.output import (
@@ -71,48 +71,54 @@ def convert_model(
     the work; ``lora``: the adapters merged on the way, see ``convert.lora``; ``single_file``:
     ``(model_class, model_config)`` for an original single file, see ``convert.single_file``)."""
     t0 = time.perf_counter()
-    named = single_file is None
+    with timings() as phases:
+        named = single_file is None
 
-    def read() -> Source:
-        nonlocal model
-        if single_file is not None:
-            source, model = read_single_file(path, *single_file)
-            return source
-        return read_source(path)
+        def read() -> Source:
+            nonlocal model
+            if single_file is not None:
+                source, model = read_single_file(path, *single_file)
+                return source
+            return read_source(path)
 
-    if ranks is None:
-        source = read()
-    else:
-        source = ranks.step(read, "the reading of the source")
-        # Every rank must read the same files (a shared filesystem).
-        seen = [(str(f.resolve()), f.stat().st_size) for f in source.files]
-        ranks.agree({"source files": seen, "source tensors": sorted(source.tensors.items())}, "sources")
-    quantizer = BitsAndBytesQuantizer(config)
+        if ranks is None:
+            source = read()
+        else:
+            source = ranks.step(read, "the reading of the source")
+            # Every rank must read the same files (a shared filesystem).
+            seen = [(str(f.resolve()), f.stat().st_size) for f in source.files]
+            ranks.agree({"source files": seen, "source tensors": sorted(source.tensors.items())}, "sources")
+        quantizer = BitsAndBytesQuantizer(config)
 
-    def plan() -> tuple[Output, Family, dict[str, str]]:
-        if source.config is not None and source.config.get("quantization_config") is not None:
-            method = source.config["quantization_config"].get("quant_method")
-            raise ValueError(f"{str(path)!r} is already quantized ({method})")
-        if dst.resolve() == source.folder.resolve():
-            raise ValueError("dst must differ from the source folder (the source files are read while writing)")
-        if dst.exists() and not dst.is_dir():
-            raise NotADirectoryError(f"dst {str(dst)!r} exists and is not a directory")
-        # The static reading answers for checkpoints whose tensors stay as stored (torch_dtype "auto").
-        static = model is None and torch_dtype is None and lora is None and single_file is None
-        layout = static_targets(source, config, max_shard_size) if static else None
-        if layout is not None:
-            out = plan_output(source, [(k, k) for k in source.tensors], set(layout), config)
-            return out, TRANSFORMERS, static_config_files(source, quantizer)
-        return _plan_model(path, source, config, quantizer, model, torch_dtype, named, lora)
+        def plan() -> tuple[Output, Family, dict[str, str]]:
+            if source.config is not None and source.config.get("quantization_config") is not None:
+                method = source.config["quantization_config"].get("quant_method")
+                raise ValueError(f"{str(path)!r} is already quantized ({method})")
+            if dst.resolve() == source.folder.resolve():
+                raise ValueError("dst must differ from the source folder (the source files are read while writing)")
+            if dst.exists() and not dst.is_dir():
+                raise NotADirectoryError(f"dst {str(dst)!r} exists and is not a directory")
+            # The static reading answers for checkpoints whose tensors stay as stored (torch_dtype "auto").
+            static = model is None and torch_dtype is None and lora is None and single_file is None
+            layout = static_targets(source, config, max_shard_size) if static else None
+            if layout is not None:
+                out = plan_output(source, [(k, k) for k in source.tensors], set(layout), config)
+                return out, TRANSFORMERS, static_config_files(source, quantizer)
+            return _plan_model(path, source, config, quantizer, model, torch_dtype, named, lora)
 
-    if ranks is None:
-        out, family, json_files = plan()
-    else:
-        with planned_across(ranks):
-            out, family, json_files = ranks.step(plan, "the planning of the conversion")
-    return write_conversion(
-        source, out, family, dst, quantizer, json_files, max_shard_size, progress, checksums, t0, ranks
-    )
+        if ranks is None:
+            out, family, json_files = plan()
+        else:
+            with planned_across(ranks):
+                out, family, json_files = ranks.step(plan, "the planning of the conversion")
+        phases["plan"] = time.perf_counter() - t0 - phases.get("offsets", 0.0)
+        result = write_conversion(
+            source, out, family, dst, quantizer, json_files, max_shard_size, progress, checksums, t0, ranks
+        )
+        phases.setdefault("write", 0.0)
+        phases["commit"] = max(0.0, result.seconds - sum(phases.values()))
+        result.timings = dict(phases)
+    return result
 
 
 def _plan_model(

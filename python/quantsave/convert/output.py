@@ -17,6 +17,7 @@ from quantsave import _core
 from quantsave.backends.bitsandbytes import layout as bnb_layout
 from quantsave.backends.bitsandbytes.config import BitsAndBytesConfig
 from quantsave.checkpoint.tensors import NAME_TO_DTYPE
+from quantsave.checkpoint.writer import timed
 from quantsave.conversions import KeyPlan, plan_keys, realize, saved_layout
 from quantsave.convert.dtypes import Dtypes
 from quantsave.convert.made import made_offset
@@ -284,9 +285,10 @@ def plan_output(
     ranks = _RANKS.get()
 
     def offset_of(file: str, key: str, blocksize: int, cast: str | None, flip: bool) -> float:
-        if key in source.derived:
-            return made_offset(source, key, blocksize, cast, flip)
-        return _absmax_offset(file, source.names.get(key, key), blocksize, cast, flip)
+        with timed("offsets"):
+            if key in source.derived:
+                return made_offset(source, key, blocksize, cast, flip)
+            return _absmax_offset(file, source.names.get(key, key), blocksize, cast, flip)
 
     if ranks is None or not (config.bits == 4 and config.bnb_4bit_use_double_quant):
         return _plan_output(source, pairs, targets, config, dtypes, transposed, offset_of)

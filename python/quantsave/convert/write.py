@@ -15,7 +15,14 @@ from quantsave import _core
 from quantsave.backends.bitsandbytes.quantizer import BitsAndBytesQuantizer
 from quantsave.checkpoint.commit import fsync_enabled, staged_directory
 from quantsave.checkpoint.plan import CheckpointPlan, parse_shard_size, plan_checkpoint
-from quantsave.checkpoint.writer import CheckpointFiles, SaveResult, finish_checkpoint, progress_bar, write_checksums
+from quantsave.checkpoint.writer import (
+    CheckpointFiles,
+    SaveResult,
+    finish_checkpoint,
+    progress_bar,
+    timed,
+    write_checksums,
+)
 from quantsave.convert.made import run_made
 from quantsave.convert.output import Output, natural_key
 from quantsave.convert.source import Source
@@ -77,7 +84,7 @@ def write_conversion(
         return result
     result = SaveResult(directory=dst, files=list(file_names), num_shards=len(plan.shards))
     # Everything is written into a staging folder that replaces `dst` in one atomic step.
-    with staged_directory(dst, fsync=fsync_enabled()) as stage:
+    with staged_directory(dst, fsync=fsync_enabled(), rewritten=file_names) as stage:
         bar = _bar(progress, sum(op_bytes) + sum(made_bytes))
         # With made tensors, Python creates the files and writes them into the ones the Rust
         # converter fills (attached); otherwise the converter creates the files itself.
@@ -94,10 +101,11 @@ def write_conversion(
                 fsync=fsync_enabled(),
                 temps=[w.temp_path for w in writers] if made else None,  # type: ignore[misc]
             )
-            sizes = _run(conversion, bar)
-            if made:
-                run_made(source, made, lambda target: writers[shard_of[target]], bar)
-                sizes = [w.finish(fsync=fsync_enabled()) for w in writers]
+            with timed("write"):
+                sizes = _run(conversion, bar)
+                if made:
+                    run_made(source, made, lambda target: writers[shard_of[target]], bar)
+                    sizes = [w.finish(fsync=fsync_enabled()) for w in writers]
             result.total_bytes = sum(sizes)
         finally:
             for w in writers:
@@ -153,8 +161,9 @@ def _write_across(
         )
         bar = _bar(progress if ranks.rank == 0 else False, total)
         try:
-            _run(conversion, bar)
-            run_made(source, mine_made, lambda target: shared.writer(shard_of[target]), bar)
+            with timed("write"):
+                _run(conversion, bar)
+                run_made(source, mine_made, lambda target: shared.writer(shard_of[target]), bar)
         finally:
             if bar is not None:
                 bar.close()

@@ -56,14 +56,16 @@ def digest(value: Any) -> str:
 
 
 def balance(sizes: list[int], ranks: int) -> list[int]:
-    """The owner rank of each item: each to the least loaded rank so far (by bytes), ties to
-    the lowest rank, in order; the same answer on every rank."""
+    """The owner rank of each item: the largest first, each to the least loaded rank so far
+    (by bytes; ties to the lowest rank, equal sizes in order). No two loads differ by more
+    than the item last given to the larger, and the small items, placed last, even them out;
+    the same answer on every rank."""
     load = [0] * ranks
-    owners = []
-    for size in sizes:
-        r = min(range(ranks), key=lambda i: (load[i], i))
-        owners.append(r)
-        load[r] += max(size, 1)
+    owners = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        r = min(range(ranks), key=lambda k: (load[k], k))
+        owners[i] = r
+        load[r] += max(sizes[i], 1)
     return owners
 
 

@@ -465,7 +465,7 @@ def write_shared(
         def open_stage() -> str | None:
             if ranks.rank != 0:
                 return None
-            stage = stack.enter_context(staged_directory(directory, fsync=fsync_enabled()))
+            stage = stack.enter_context(staged_directory(directory, fsync=fsync_enabled(), rewritten=plan.file_names))
             (stage / marker).write_text(marker, encoding="utf-8")
             return str(stage)
 
