@@ -4,7 +4,9 @@ inside the process from the call to its return after a warm-up conversion (proce
 imports excluded), medians of several runs. Also one process limited to one thread
 (``QUANTSAVE_NUM_THREADS=1``, the share each rank gets): the 2-rank speedup over it is the
 scaling of the data path when each rank has a core of its own. The output folders are checked
-byte-identical. ``--dir`` on a tmpfs (``/dev/shm``) takes the disk out of the measurement.
+byte-identical (by sha256; each folder is deleted and the dirty pages flushed before the next
+timed call, so no run pays for another's memory or writeback). ``--dir`` on a tmpfs
+(``/dev/shm``) takes the disk out of the measurement.
 
 Also the data path on its own (``SaveResult.timings``: the double-quant pass and the pass that
 reads, quantizes and writes the tensors; for the ranks, the slowest rank's of each, the two
@@ -19,8 +21,10 @@ Usage: python benches/distributed_convert.py [--layers 8] [--runs 3] [--dir /tmp
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -61,13 +65,59 @@ def _rank(rank: int, world: int, port: int, src: str, dst: str, config: str, out
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=600))
     # A first conversion pays the imports and caches, as the one-process run's warm-up does.
-    quantsave.convert(src, Path(dst).parent / f"warm-{world}", CONFIGS[config], max_shard_size="200MB")
+    warm = Path(dst).parent / f"warm-{world}"
+    quantsave.convert(src, warm, CONFIGS[config], max_shard_size="200MB")
+    if rank == 0:
+        _settle(warm)
     dist.barrier()
     t0 = time.perf_counter()
     result = quantsave.convert(src, dst, CONFIGS[config], max_shard_size="200MB")
     seconds = time.perf_counter() - t0
     Path(f"{out}.{rank}").write_text(json.dumps({"seconds": seconds, **result.timings}))
     dist.destroy_process_group()
+
+
+def _settle(folder: Path) -> None:
+    """Deletes a written folder and flushes the page cache's dirty pages, so every timed run
+    starts from the same memory and disk state (none pays for an earlier one's writeback)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    os.sync()
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    """The folder's files by sha256, then the folder settled (see ``_settle``)."""
+    digests = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}
+    _settle(folder)
+    return digests
+
+
+def _independent(rank: int, world: int, src: str, dst: str, config: str, out: str) -> None:
+    """One of ``world`` processes converting the whole checkpoint on its own (no process group),
+    all at once: what this machine gives processes that share nothing but its cores and disk."""
+    import quantsave
+
+    torch.set_num_threads(1)
+    quantsave.convert(src, f"{dst}-warm-{rank}", CONFIGS[config], max_shard_size="200MB")
+    _settle(Path(f"{dst}-warm-{rank}"))
+    Path(f"{out}.ready.{rank}").touch()
+    while not all(Path(f"{out}.ready.{r}").exists() for r in range(world)):
+        time.sleep(0.001)
+    t0 = time.perf_counter()
+    result = quantsave.convert(src, f"{dst}-{rank}", CONFIGS[config], max_shard_size="200MB")
+    seconds = time.perf_counter() - t0
+    Path(f"{out}.{rank}").write_text(json.dumps({"seconds": seconds, **result.timings}))
+
+
+def independent(world: int, src: Path, dst: Path, config: str) -> tuple[float, float]:
+    """The slowest of ``world`` independent one-thread conversions run at once (whole call, data path)."""
+    out = dst.parent / "seconds-independent"
+    for r in range(world):
+        Path(f"{out}.ready.{r}").unlink(missing_ok=True)
+    os.environ["QUANTSAVE_NUM_THREADS"] = "1"
+    mp.start_processes(_independent, args=(world, str(src), str(dst), config, str(out)), nprocs=world,
+                       start_method="spawn")  # fmt: skip
+    procs = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
+    return max(p["seconds"] for p in procs), max(_data_path(p) for p in procs)
 
 
 def _data_path(timings: dict[str, float]) -> float:
@@ -86,6 +136,7 @@ def run(world: int, src: Path, dst: Path, config: str, threads: int | None = Non
         import quantsave
 
         quantsave.convert(src, dst.parent / "warm", CONFIGS[config], max_shard_size="200MB")  # imports, caches
+        _settle(dst.parent / "warm")
         t0 = time.perf_counter()
         result = quantsave.convert(src, dst, CONFIGS[config], max_shard_size="200MB")
         return time.perf_counter() - t0, _data_path(result.timings)
@@ -119,24 +170,30 @@ def main() -> None:
     variants = {"1 process": (1, "out-1", None), "1 process, 1 thread": (1, "out-1t", 1), "2 ranks": (2, "out-2", None)}
     times: dict[str, list[float]] = {k: [] for k in variants}
     data: dict[str, list[float]] = {k: [] for k in variants}
+    both: tuple[list[float], list[float]] = ([], [])  # 2 independent whole conversions at once
+    outputs: list[dict[str, str]] = []  # every output folder's files by sha256
     for _ in range(args.runs):
         for name, (world, folder, threads) in variants.items():
             seconds, data_seconds = run(world, src, root / folder, args.config, threads)
             times[name].append(seconds)
             data[name].append(data_seconds)
-    outs = [root / "out-1", root / "out-1t", root / "out-2"]
-    same = all(
-        sorted(os.listdir(o)) == sorted(os.listdir(outs[0]))
-        and all((o / f).read_bytes() == (outs[0] / f).read_bytes() for f in os.listdir(o))
-        for o in outs[1:]
-    )
+            outputs.append(_digest(root / folder))
+        seconds, data_seconds = independent(2, src, root / "out-ind", args.config)
+        both[0].append(seconds)
+        both[1].append(data_seconds)
+        outputs.extend(_digest(root / f"out-ind-{r}") for r in range(2))
+    same = all(o == outputs[0] for o in outputs)
     print(f"{size / 1e9:.2f} GB bf16 checkpoint, {args.config}, {os.cpu_count()} CPUs, {root}, medians of {args.runs}")
-    for label, seconds in (("whole call", times), ("data path", data)):
+    for label, seconds, alone in (("whole call", times, both[0]), ("data path", data, both[1])):
         med = {k: statistics.median(v) for k, v in seconds.items()}
-        two = med["2 ranks"]
+        two, one = med["2 ranks"], med["1 process, 1 thread"]
         print(f"{label}: " + "   ".join(f"{k}: {v:.2f} s" for k, v in med.items()))
         print(f"  2 ranks against 1 process: {med['1 process'] / two:.2f}x; against 1 process on one thread (each "
-              f"rank's share): {med['1 process, 1 thread'] / two:.2f}x (target ~2x)")  # fmt: skip
+              f"rank's share): {one / two:.2f}x (target ~2x)")  # fmt: skip
+        # Two processes converting the whole checkpoint each, at once, do twice the work: the
+        # speedup this machine allows two processes is 2 x one thread's time / their time.
+        print(f"  2 independent one-thread conversions at once: {statistics.median(alone):.2f} s, so this machine "
+              f"scales two processes {2 * one / statistics.median(alone):.2f}x")  # fmt: skip
     print(f"outputs byte-identical: {same}")
     if not same:
         sys.exit(1)
