@@ -21,7 +21,6 @@ Usage: python benches/distributed_convert.py [--layers 8] [--runs 3] [--dir /tmp
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -86,7 +85,10 @@ def _settle(folder: Path) -> None:
 
 def _digest(folder: Path) -> dict[str, str]:
     """The folder's files by sha256, then the folder settled (see ``_settle``)."""
-    digests = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}
+    from quantsave import _core
+
+    files = sorted(folder.iterdir())
+    digests = dict(zip([f.name for f in files], _core.sha256_files([str(f) for f in files]), strict=True))
     _settle(folder)
     return digests
 

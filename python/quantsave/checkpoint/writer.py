@@ -82,7 +82,8 @@ class SaveResult:
     #: (reading, quantizing and writing the tensors), ``commit`` (the rest: completing the
     #: files, the index and config files, the atomic commit). Under ``torch.distributed``,
     #: ``offsets`` and ``write`` time this rank's share of the work; the waits for the other
-    #: ranks fall in ``plan`` and ``commit``. Empty for ``save_quantized``.
+    #: ranks fall in ``plan`` and ``commit``. Empty for ``save_quantized`` and a pipeline
+    #: folder's ``convert``.
     timings: dict[str, float] = field(default_factory=dict)
 
     def __repr__(self) -> str:

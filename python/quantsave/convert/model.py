@@ -115,7 +115,6 @@ def convert_model(
         result = write_conversion(
             source, out, family, dst, quantizer, json_files, max_shard_size, progress, checksums, t0, ranks
         )
-        phases.setdefault("write", 0.0)
         phases["commit"] = max(0.0, result.seconds - sum(phases.values()))
         result.timings = dict(phases)
     return result
