@@ -259,8 +259,13 @@ def _renamed(e: OSError, stage: Path, target: Path) -> OSError:
 def _carry_late(old: Path, new: Path, seen: set[str], prefix: str = "") -> None:
     """Moves entries other programs created in the old folder during the save (not in
     ``seen``, the entries it had when the stage was filled) into the new one; what both have,
-    the new folder's version wins."""
-    for entry in old.iterdir():
+    the new folder's version wins. An old folder already gone (removed by a concurrent save's
+    cleanup, see ``_commit``) has nothing left to carry."""
+    try:
+        entries = list(old.iterdir())
+    except FileNotFoundError:
+        return
+    for entry in entries:
         rel = prefix + entry.name
         dest = new / entry.name
         if is_temp_name(entry.name):
@@ -289,11 +294,21 @@ def _commit(stage: Path, target: Path, fsync: bool, seen: set[str]) -> None:
                 if not target.exists():
                     raise
                 # Created meanwhile by another save: exchange with it instead.
-        if _core.exchange_paths(str(stage), str(target)):
-            # ``stage`` now names the old folder.
-            _carry_late(stage, target, seen)
-            shutil.rmtree(stage, ignore_errors=True)
-            break
+        # The old folder is locked before the exchange gives it the stage's name, so a
+        # concurrent save does not take it for an abandoned stage and delete it while its
+        # late entries are carried over (where another save holds it, that save's own lock does).
+        try:
+            old_lock = _lock(target)
+        except OSError:
+            old_lock = None
+        try:
+            if _core.exchange_paths(str(stage), str(target)):
+                # ``stage`` now names the old folder.
+                _carry_late(stage, target, seen)
+                shutil.rmtree(stage, ignore_errors=True)
+                break
+        finally:
+            _unlock(old_lock)
         # No atomic exchange here: move the old folder aside (under a name the next save
         # restores should this process die now), then the new one in.
         aside = target.parent / _stage_name(target, "old-")
